@@ -1,0 +1,12 @@
+"""peft-ds: parameter-efficient adapters (LoRA, bottleneck adapter, SIBO, AdaMix, BiLoRA) on frozen
+LLaMA / GPT-J backbones under DeepSpeed ZeRO-3."""
+
+from .errors import PeftDsError
+from .injection import adapter_state_dict, apply_peft, load_adapter_state_dict, trainable_report
+from .spec import PeftSpec
+from .version import __version__
+
+__all__ = [
+    "PeftDsError", "PeftSpec", "apply_peft", "adapter_state_dict", "load_adapter_state_dict",
+    "trainable_report", "__version__",
+]

@@ -1,0 +1,73 @@
+"""Where things live in each supported backbone, and the per-architecture defaults of SPEC 2.1-2.3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import PeftDsError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    embedding: str  # dotted path of the token embedding whose output is SIBO's h0
+    base_model: str  # the inner model that calls the embedding and the decoder layers
+    layers: str  # dotted path of the decoder-layer ModuleList
+    lora_targets: tuple[str, ...]  # SPEC 2.1
+    adapter_targets: tuple[str, ...]  # SPEC 2.2
+    output_side: tuple[str, ...]  # adapter placed after the frozen linear (LLM-Adapters output_adapter)
+    sibo_sites: dict  # method -> default sites, SPEC 2.3
+
+
+ARCHITECTURES = {
+    "llama": Architecture(
+        name="llama",
+        embedding="model.embed_tokens",
+        base_model="model",
+        layers="model.layers",
+        lora_targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+        adapter_targets=("gate_proj", "up_proj"),
+        output_side=("down_proj", "o_proj"),
+        sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj")},
+    ),
+    "gptj": Architecture(
+        name="gptj",
+        embedding="transformer.wte",
+        base_model="transformer",
+        layers="transformer.h",
+        lora_targets=("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
+        adapter_targets=("fc_out",),
+        output_side=("fc_out", "out_proj"),
+        # Official GPT-J Adapter-SIBO blends the whole MLP input (fc_in's frozen path too).
+        sibo_sites={"lora": ("fc_in",), "adapter": ("mlp",)},
+    ),
+}
+
+# Sites that are not adapted modules: their whole input is blended (official GPT-J Adapter-SIBO).
+WHOLE_INPUT_SITES = ("mlp",)
+
+
+def detect(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise PeftDsError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(ARCHITECTURES)} (LlamaForCausalLM, GPTJForCausalLM)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def default_targets(arch: Architecture, method: str) -> tuple[str, ...]:
+    return arch.adapter_targets if method == "adapter" else arch.lora_targets
+
+
+def matches(relative_name: str, names) -> bool:
+    """PEFT's rule: a module matches a name if its dotted path equals it or ends with '.' + name."""
+    return any(relative_name == n or relative_name.endswith("." + n) for n in names)

@@ -1,0 +1,151 @@
+"""`peft-ds` command line (also `python -m peft_ds`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import PeftDsError
+
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "assets", "math_sample.json")
+
+
+def _similarity_table(curves: dict) -> str:
+    labels = list(curves)
+    width = max(12, *(len(label) for label in labels))
+    lines = [f"{'layer':>5}  " + "  ".join(f"{label:>{width}}" for label in labels)]
+    for layer in range(len(next(iter(curves.values())))):
+        lines.append(f"{layer:>5}  " + "  ".join(f"{curves[label][layer]:>{width}.4f}" for label in labels))
+    return "\n".join(lines)
+
+
+def _check_writable(out_dir: str, names, force: bool) -> None:
+    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if existing and not force:
+        raise PeftDsError(f"{os.path.join(out_dir, existing[0])} exists (use --force to overwrite)")
+
+
+def _write_smoothness(curves: dict, out_dir: str) -> tuple[str, str]:
+    from .diagnostics import plot_similarity
+
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, png_path = os.path.join(out_dir, "smoothness.json"), os.path.join(out_dir, "smoothness.png")
+    with open(json_path, "w") as f:
+        json.dump({"metric": "mean token-wise cosine similarity (SIBO Eq. 3)", "layer_0": "token embedding",
+                   "curves": curves}, f, indent=2)
+    plot_similarity(curves, png_path)
+    return json_path, png_path
+
+
+def cmd_demo(args) -> int:
+    from .data import prompt_batch, read_records
+    from .diagnostics import token_similarity
+    from .injection import apply_peft, format_report, trainable_report
+    from .models import load_model
+    from .spec import PeftSpec
+
+    spec = PeftSpec(method="lora", sibo_lambda=args.sibo_lambda).validate()
+    _check_writable(args.out, ["smoothness.json", "smoothness.png"], args.force)
+    records = read_records(args.data)[: args.num_examples]
+    model, tokenizer = load_model(args.model)
+    batch = prompt_batch(tokenizer, records, args.cutoff_len)
+    curves = {f"{args.model} (base)": token_similarity(model, batch)}
+    apply_peft(model, spec)
+    print(f"LoRA-SIBO (r={spec.r}, alpha={spec.alpha:g}, lambda={spec.sibo_lambda:g}) on {args.model}:")
+    print(format_report(trainable_report(model)))
+    curves[f"{args.model} + LoRA-SIBO"] = token_similarity(model, batch)
+    print(f"\nOver-smoothing on {len(records)} prompts of {os.path.basename(args.data)} "
+          "(LoRA-SIBO at init equals the base model: B = 0):")
+    print(_similarity_table(curves))
+    json_path, png_path = _write_smoothness(curves, args.out)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_preset(args) -> int:
+    from .models import write_preset
+
+    out = write_preset(args.name, args.dir, force=args.force)
+    print(f"wrote preset {args.name} to {out}")
+    return 0
+
+
+def cmd_smoothness(args) -> int:
+    from .adapter_io import load_adapter, read_adapter_config
+    from .data import prompt_batch, read_records
+    from .diagnostics import token_similarity
+    from .models import load_model
+
+    if not args.model and not args.adapter:
+        raise PeftDsError("give at least one --model or --adapter")
+    adapters = [(d, read_adapter_config(d)) for d in args.adapter]
+    for adapter_dir, config in adapters:
+        if not config.get("base_model") and len(args.model) != 1:
+            raise PeftDsError(f"adapter {adapter_dir} names no base model; give exactly one --model")
+    _check_writable(args.out, ["smoothness.json", "smoothness.png"], args.force)
+    records = read_records(args.data)[: args.num_examples]
+    curves = {}
+    for name in args.model:
+        model, tokenizer = load_model(name)
+        curves[name] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
+    for adapter_dir, config in adapters:
+        base = config.get("base_model") or args.model[0]
+        model, tokenizer = load_model(base)
+        load_adapter(model, adapter_dir)
+        curves[f"{base} + {adapter_dir}"] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
+    print(_similarity_table(curves))
+    json_path, png_path = _write_smoothness(curves, args.out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-ds", description=__doc__.split("\n")[0] + " "
+                                     "Parameter-efficient adapters on frozen LLaMA / GPT-J under DeepSpeed ZeRO-3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="apply LoRA-SIBO to a tiny model; print the parameter report and over-smoothing")
+    p.add_argument("--model", default="tiny-llama", help="preset name or local HF model directory (default tiny-llama)")
+    p.add_argument("--sibo-lambda", type=float, default=0.1, help="SIBO lambda in [0, 1) (default 0.1)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="LLM-Adapters JSON file (default: shipped math sample)")
+    p.add_argument("--num-examples", type=int, default=16)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--out", default="runs/demo", help="where smoothness.json/png go (default runs/demo)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("preset", help="write a tiny preset as a local Hugging Face model directory")
+    p.add_argument("name", help="tiny-llama or tiny-gptj")
+    p.add_argument("dir", help="output directory (config.json, model.safetensors, tokenizer.model)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.set_defaults(func=cmd_preset)
+
+    p = sub.add_parser("smoothness", help="over-smoothing diagnostic (SIBO Eq. 3) per layer, as JSON and PNG")
+    p.add_argument("--model", action="append", default=[], help="preset or model directory (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], help="peft-ds adapter directory (repeatable)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="LLM-Adapters JSON file (default: shipped math sample)")
+    p.add_argument("--num-examples", type=int, default=32)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--out", required=True, help="output directory for smoothness.json and smoothness.png")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(func=cmd_smoothness)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("num_examples", "cutoff_len"):
+        if getattr(args, name, 1) < 1:
+            print(f"peft-ds: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except PeftDsError as err:
+        print(f"peft-ds: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Bottleneck adapter (SPEC 2.2; Houlsby et al., 2019, as in LLM-Adapters), composable with SIBO."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .sibo import InitialResidual, branch_input
+
+
+class AdapterLinear(nn.Module):
+    """Wraps a frozen nn.Linear with  a(x) = x + scale * U f(D dropout(x~)).
+
+    Input side (LLaMA gate_proj/up_proj): y = W a(x). Output side (GPT-J fc_out): y = a(W x).
+    The residual is always the original x; only the branch sees SIBO's blend x~.
+    adapter_down D: bottleneck x d, adapter_up U: d x bottleneck, both N(0, 0.02) ("bert" init), no bias.
+    """
+
+    def __init__(self, base_layer: nn.Linear, bottleneck_size: int, non_linearity: str, dropout: float,
+                 scale: float, output_side: bool, initial_residual: InitialResidual | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.output_side = output_side
+        d = base_layer.out_features if output_side else base_layer.in_features
+        self.branch_input_size = d
+        device = base_layer.weight.device
+        self.adapter_down = nn.Parameter(torch.empty(bottleneck_size, d, device=device).normal_(0.0, 0.02))
+        self.adapter_up = nn.Parameter(torch.empty(d, bottleneck_size, device=device).normal_(0.0, 0.02))
+        self.activation = ACT2FN[non_linearity]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = scale
+        self._initial_residual = initial_residual
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.dropout(branch_input(self._initial_residual, x).to(self.adapter_down.dtype))
+        out = F.linear(self.activation(F.linear(z, self.adapter_down)), self.adapter_up) * self.scale
+        return x + out.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_side:
+            return self.adapt(self.base_layer(x))
+        return self.base_layer(self.adapt(x))

@@ -1,0 +1,41 @@
+"""LoRA (SPEC 2.1; Hu et al., 2021), composable with SIBO (SPEC 2.3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sibo import InitialResidual, branch_input
+
+
+class LoraLinear(nn.Module):
+    """Wraps a frozen nn.Linear:  y = W x + s * B A dropout(x~),  s = alpha / r  (LoRA Eq. 3).
+
+    x~ is x, or SIBO's blend at a SIBO site (blend before dropout, as the official code).
+    lora_A: r x in (kaiming-uniform, a=sqrt(5)), lora_B: out x r (zeros): names and shapes of HF PEFT.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
+                 initial_residual: InitialResidual | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._initial_residual = initial_residual
+
+    @property
+    def branch_input_size(self) -> int:
+        return self.base_layer.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x = self.dropout(branch_input(self._initial_residual, x).to(self.lora_A.dtype))
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return result + delta.to(result.dtype)

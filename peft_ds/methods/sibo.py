@@ -1,0 +1,143 @@
+"""SIBO: initial residual (SPEC 2.3; Wen et al., ACL 2024).
+
+The PEFT branch at a SIBO site sees  x~ = (1 - lambda) x + lambda h0  (SIBO Eq. 4), where h0 is the
+raw token-embedding output of the same forward pass.
+
+How h0 travels (no state survives a forward):
+- a hook on the token embedding records h0 of the forward in progress; hooks on the inner model clear
+  it before and after every forward;
+- each decoder layer's forward takes that h0 as an explicit argument and makes it (with the layer's
+  lambda) the active residual while the layer runs. Under activation checkpointing h0 is an argument
+  of the checkpointed function, so recomputation in backward sees the very same tensor;
+- sites read the active (h0, lambda) through `InitialResidual.blend`; outside a layer's forward there
+  is nothing to read and a site fails loudly instead of using a stale h0.
+With a KV cache each generation step embeds only its new tokens, so h0 covers exactly those tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+from torch import nn
+
+
+class InitialResidual:
+    """Holder of h0 for one model; plain object (not a Module) so it never enters a state dict."""
+
+    def __init__(self, lam: float, learnable: bool):
+        self.lam = lam
+        self.learnable = learnable
+        self._h0 = None  # h0 of the forward in progress
+        self._active = []  # (h0, lambda) of the decoder layer running now
+
+    def reset(self) -> None:
+        self._h0 = None
+
+    def capture(self, h0: torch.Tensor) -> None:
+        if self._h0 is None:  # GPT-J embeds token_type_ids with the same module afterwards
+            self._h0 = h0
+
+    def current_h0(self) -> torch.Tensor:
+        if self._h0 is None:
+            raise RuntimeError("SIBO: no h0 for this forward (the token embedding did not run)")
+        return self._h0
+
+    @contextlib.contextmanager
+    def active(self, h0: torch.Tensor, lam):
+        self._active.append((h0, lam))
+        try:
+            yield
+        finally:
+            self._active.pop()
+
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._active:
+            raise RuntimeError("SIBO site called outside a decoder layer's forward: no h0 is active")
+        h0, lam = self._active[-1]
+        if torch.is_tensor(lam):
+            lam = lam.to(x.dtype)
+        return (1 - lam) * x + lam * h0.to(x.dtype)  # SIBO Eq. 4
+
+
+def branch_input(residual: InitialResidual | None, x: torch.Tensor) -> torch.Tensor:
+    """What a PEFT branch sees: x, or SIBO's blend at a SIBO site."""
+    return x if residual is None else residual.blend(x)
+
+
+def lambda_logit(lam: float) -> float:
+    return math.log(lam / (1 - lam))
+
+
+def layer_lambda(layer: nn.Module):
+    """Beyond the paper (its future work): lambda = sigmoid(theta), one theta per decoder layer."""
+    theta = getattr(layer, "sibo_theta", None)
+    return layer._initial_residual.lam if theta is None else torch.sigmoid(theta)
+
+
+# ---- hooks and the decoder-layer wrapper; module-level functions so deepcopy rebinds them -------
+
+
+def _reset_hook(module, args, kwargs):
+    module._initial_residual.reset()
+    if kwargs.get("inputs_embeds") is not None:  # the caller embedded the tokens itself
+        module._initial_residual.capture(kwargs["inputs_embeds"])
+
+
+def _clear_hook(module, args, kwargs, output):
+    module._initial_residual.reset()
+
+
+def _capture_hook(module, args, output):
+    module._initial_residual.capture(output)
+
+
+def _blend_input_hook(module, args):
+    """Whole-input site (official GPT-J Adapter-SIBO): the frozen path sees x~ too."""
+    return (module._initial_residual.blend(args[0]),) + tuple(args[1:])
+
+
+def _unwrapped_forward(layer_cls):
+    """The layer's own forward, beneath transformers' checkpointing wrapper (we checkpoint instead)."""
+    forward = layer_cls.forward
+    if getattr(forward, "__code__", None) is not None and forward.__code__.co_name == "forward_with_checkpointing":
+        return forward.__wrapped__
+    return forward
+
+
+def _run_layer(layer, inner, kwargs, h0, *args):
+    with layer._initial_residual.active(h0, layer_lambda(layer)):
+        return inner(layer, *args, **kwargs)
+
+
+def _layer_forward(self, *args, **kwargs):
+    h0 = self._initial_residual.current_h0()
+    inner = _unwrapped_forward(type(self))
+    if getattr(self, "gradient_checkpointing", False) and self.training:
+        # Same cache rules as transformers' GradientCheckpointingLayer.
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        for name in ("past_key_values", "layer_past"):
+            if kwargs.get(name) is not None and not getattr(self, "_can_checkpoint_with_cache", False):
+                kwargs[name] = None
+        run = functools.partial(_run_layer, self, inner, kwargs)
+        return self._gradient_checkpointing_func(run, h0, *args)
+    return _run_layer(self, inner, kwargs, h0, *args)
+
+
+def attach(embedding: nn.Module, base_model: nn.Module, layers, whole_input_sites, residual: InitialResidual):
+    """Wire h0 from `embedding` to every decoder layer in `layers`; learnable lambda adds `sibo_theta`."""
+    for module in (embedding, base_model, *layers, *whole_input_sites):
+        module._initial_residual = residual
+    embedding.register_forward_hook(_capture_hook)
+    base_model.register_forward_pre_hook(_reset_hook, with_kwargs=True)
+    base_model.register_forward_hook(_clear_hook, with_kwargs=True)
+    for layer in layers:
+        layer.forward = _layer_forward.__get__(layer)
+        if residual.learnable:
+            theta = torch.full((1,), lambda_logit(residual.lam), dtype=torch.float32)
+            layer.sibo_theta = nn.Parameter(theta.to(next(layer.parameters()).device))
+    for module in whole_input_sites:
+        module.register_forward_pre_hook(_blend_input_hook)

@@ -1,0 +1,119 @@
+"""Backbones: the tiny presets (real transformers classes, small configs, seeded random init) and
+local Hugging Face model directories (config + safetensors weights + tokenizer). No network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from .errors import PeftDsError
+from .tokenizer import TOKENIZER_MODEL, load_tokenizer
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+TINY_TOKENIZER = os.path.join(ASSETS, "tiny_tokenizer.model")
+TINY_VOCAB = 1024  # the shipped sentencepiece model's vocabulary
+
+PRESETS = {
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=344,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    ),
+    "tiny-gptj": dict(
+        model_type="gptj", vocab_size=TINY_VOCAB, n_embd=128, n_layer=4, n_head=4, rotary_dim=16,
+        n_positions=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    ),
+}
+PRESET_SEED = 0
+SUPPORTED_MODEL_TYPES = ("llama", "gptj")
+
+
+def preset_config(name: str, **overrides):
+    from transformers import GPTJConfig, LlamaConfig
+
+    if name not in PRESETS:
+        raise PeftDsError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {**PRESETS[name], **overrides}
+    model_type = fields.pop("model_type")
+    return (LlamaConfig if model_type == "llama" else GPTJConfig)(**fields)
+
+
+def build_from_config(config, seed: int = PRESET_SEED, dtype=torch.float32):
+    """The real transformers class for `config`, randomly initialised from `seed` (RNG state kept)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def build_preset(name: str, seed: int = PRESET_SEED, dtype=torch.float32, **overrides):
+    return build_from_config(preset_config(name, **overrides), seed=seed, dtype=dtype)
+
+
+def read_model_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise PeftDsError(f"model directory {model_dir} does not exist")
+    if not os.path.isfile(path):
+        raise PeftDsError(f"model directory {model_dir} has no config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise PeftDsError(f"{path} is not valid JSON: {err}") from None
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise PeftDsError(
+            f"{path}: unsupported model_type {config.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def check_model_dir(model_dir: str) -> dict:
+    """Everything about a model directory that can be wrong, checked before any weights are read."""
+    config = read_model_config(model_dir)
+    names = set(os.listdir(model_dir))
+    if not ({"model.safetensors", "model.safetensors.index.json"} & names):
+        raise PeftDsError(f"model directory {model_dir} has no safetensors weights (model.safetensors[.index.json])")
+    if config["model_type"] == "llama" and TOKENIZER_MODEL not in names:
+        raise PeftDsError(f"model directory {model_dir} has no {TOKENIZER_MODEL}")
+    if config["model_type"] != "llama" and not ({TOKENIZER_MODEL, "tokenizer.json"} & names):
+        raise PeftDsError(f"model directory {model_dir} has no tokenizer ({TOKENIZER_MODEL} or tokenizer.json)")
+    return config
+
+
+def load_model_dir(model_dir: str, dtype=torch.float32):
+    """A local Hugging Face directory: (model, tokenizer); local files only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    config = check_model_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+    )
+    return model, load_tokenizer(model_dir, config["model_type"])
+
+
+def load_model(name_or_dir: str, dtype=torch.float32):
+    """A preset name or a local model directory: (model, tokenizer)."""
+    if name_or_dir in PRESETS:
+        from .tokenizer import SentencePieceTokenizer
+
+        return build_preset(name_or_dir, dtype=dtype), SentencePieceTokenizer(TINY_TOKENIZER)
+    if not os.path.isdir(name_or_dir):
+        raise PeftDsError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    return load_model_dir(name_or_dir, dtype=dtype)
+
+
+def write_preset(name: str, out_dir: str, force: bool = False) -> str:
+    """Write a tiny preset as a local HF model directory: config.json, model.safetensors, tokenizer.model."""
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
+        raise PeftDsError(f"{out_dir} exists and is not empty (use --force to overwrite)")
+    model = build_preset(name)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    shutil.copyfile(TINY_TOKENIZER, os.path.join(out_dir, TOKENIZER_MODEL))
+    return out_dir

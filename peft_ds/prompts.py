@@ -1,0 +1,31 @@
+"""Training prompt template used by LLM-Adapters.
+
+Copied byte-for-byte from ``generate_prompt`` in LLM-Adapters ``finetune.py``
+(https://github.com/AGI-Edgerunners/LLM-Adapters/blob/main/finetune.py), including its
+unusual whitespace: every body line is indented with 16 spaces (the "blank"
+separator lines consist of exactly 16 spaces), the with-input header line ends
+with one trailing space and the no-input header line ends with two trailing spaces.
+Do not reformat this file.
+"""
+
+
+def generate_prompt(data_point):
+    if data_point["input"]:
+        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. 
+                
+                ### Instruction:
+                {data_point["instruction"]}
+                
+                ### Input:
+                {data_point["input"]}
+                
+                ### Response:
+                {data_point["output"]}"""
+    else:
+        return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request.  
+                
+                ### Instruction:
+                {data_point["instruction"]}
+                
+                ### Response:
+                {data_point["output"]}"""

@@ -1,0 +1,80 @@
+"""`PeftSpec`: what to inject into a backbone. Defaults follow SPEC 2.1-2.3 (official SIBO scripts)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import PeftDsError
+
+METHODS = ("lora", "adapter")
+NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
+# LLM-Adapters: lora_dropout 0.05, adapter_dropout 0.0.
+DEFAULT_DROPOUT = {"lora": 0.05, "adapter": 0.0}
+
+
+@dataclass
+class PeftSpec:
+    method: str = "lora"
+    r: int = 32
+    alpha: float = 64.0
+    dropout: float | None = None  # None: the method's default (DEFAULT_DROPOUT)
+    bottleneck_size: int = 256
+    non_linearity: str = "tanh"
+    adapter_scale: float = 1.0
+    target_modules: list[str] | None = None  # None: the architecture's defaults
+    sibo_lambda: float = 0.0  # 0: SIBO off
+    sibo_sites: list[str] | None = None  # None: SPEC 2.3 defaults for method and architecture
+    sibo_learnable: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # reserved for later methods; must stay empty
+
+    @property
+    def effective_dropout(self) -> float:
+        return DEFAULT_DROPOUT[self.method] if self.dropout is None else self.dropout
+
+    @property
+    def sibo(self) -> bool:
+        return self.sibo_lambda > 0
+
+    def validate(self) -> "PeftSpec":
+        """Checks what needs no model; `apply_peft` checks the rest against the architecture."""
+        if self.method not in METHODS:
+            raise PeftDsError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PeftDsError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise PeftDsError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.effective_dropout < 1.0:
+            raise PeftDsError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
+            raise PeftDsError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise PeftDsError(
+                f"unknown non_linearity {self.non_linearity!r}; choose one of {', '.join(NON_LINEARITIES)}"
+            )
+        if not 0.0 <= self.sibo_lambda < 1.0:
+            raise PeftDsError(f"sibo_lambda must be in [0, 1), got {self.sibo_lambda!r}")
+        if self.sibo_learnable and self.sibo_lambda == 0:
+            raise PeftDsError(
+                "sibo_learnable needs sibo_lambda in (0, 1): lambda = sigmoid(theta) starts at sibo_lambda"
+            )
+        if self.sibo_sites is not None and not self.sibo:
+            raise PeftDsError("sibo_sites given but sibo_lambda is 0 (SIBO off)")
+        for name in ("target_modules", "sibo_sites"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not value):
+                raise PeftDsError(f"{name} must be a non-empty list of module names or None, got {value!r}")
+        if self.extra:
+            raise PeftDsError(f"unknown PeftSpec fields: {', '.join(sorted(self.extra))}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftSpec":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = {k: v for k, v in d.items() if k not in known}
+        return cls(**{k: v for k, v in d.items() if k in known}, extra=unknown)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv and install peft-ds into it. Safe to run twice.
+# Without a GPU, torch is pinned to the CPU build first, so nothing pulls the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip_install() { "$VENV/bin/python" -m pip install -q "$@"; }
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install "torch==$TORCH_VERSION" || pip_install torch
+  else
+    # CPU build: the local wheel where the registry mirror has one, else PyTorch's CPU index.
+    pip_install "torch==$TORCH_VERSION" ||
+      pip_install --index-url https://download.pytorch.org/whl/cpu torch
+  fi
+fi
+# ninja: DeepSpeed JIT-compiles its CPU ops on first use.
+pip_install -e ".[test${EXTRAS:+,$EXTRAS}]" ninja
+echo "peft-ds installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,31 @@
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+version = {}
+with open(os.path.join(here, "peft_ds", "version.py")) as f:
+    exec(f.read(), version)
+
+setup(
+    name="peft-ds",
+    version=version["__version__"],
+    description="Parameter-efficient adapters (LoRA, adapters, SIBO, AdaMix, BiLoRA) on frozen LLaMA/GPT-J "
+    "under DeepSpeed ZeRO-3, launched on Slurm",
+    packages=find_packages(include=["peft_ds", "peft_ds.*"]),
+    package_data={"peft_ds": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.3",  # ZeRO-3 + activation checkpointing with frozen parameters (DeepSpeed PR #8148)
+        "transformers>=4.56",
+        "datasets",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "peft"], "mpi": ["mpi4py"]},
+    entry_points={"console_scripts": ["peft-ds=peft_ds.cli:main"]},
+)
