@@ -1,0 +1,97 @@
+"""Training-step overhead of SIBO and of peft-ds LoRA against Hugging Face PEFT LoRA.
+
+All variants are built from the same seeded tiny-llama backbone (enlarged so that a step takes well
+over 100 ms), with the same rank, targets and batch; their steps (forward, backward, AdamW step) are
+timed round-robin, one step of each variant per round, so drift hits all alike. Prints medians and
+the ratios LoRA-SIBO/LoRA, Adapter-SIBO/Adapter and peft-ds LoRA / PEFT LoRA.
+
+    python bench/overhead.py [--steps 30] [--hidden 384] [--layers 4] [--batch 4] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import peft_ds
+from peft_ds.architectures import ARCHITECTURES
+from peft_ds.models import build_preset
+
+
+def make_variants(args):
+    overrides = dict(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+                     num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                     num_key_value_heads=args.hidden // 64)
+    lora = dict(method="lora", r=args.r, alpha=2 * args.r)
+    adapter = dict(method="adapter", bottleneck_size=args.bottleneck)
+    specs = {
+        "LoRA": peft_ds.PeftSpec(**lora),
+        "LoRA-SIBO": peft_ds.PeftSpec(**lora, sibo_lambda=0.1),
+        "Adapter": peft_ds.PeftSpec(**adapter),
+        "Adapter-SIBO": peft_ds.PeftSpec(**adapter, sibo_lambda=0.1),
+    }
+    variants = {name: peft_ds.apply_peft(build_preset("tiny-llama", **overrides), spec) for name, spec in specs.items()}
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(ARCHITECTURES["llama"].lora_targets)
+    variants["PEFT LoRA"] = get_peft_model(
+        build_preset("tiny-llama", **overrides),
+        LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=targets),
+    )
+    return variants
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (after 3 warm-up steps)")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--bottleneck", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    variants = make_variants(args)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (args.batch, args.seq), generator=g)
+    steps = {}
+    for name, model in variants.items():
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, opt=opt):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times = {name: [] for name in variants}
+    for round_ in range(args.steps + 3):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - t0)
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"tiny-llama hidden={args.hidden} layers={args.layers} batch={args.batch}x{args.seq} r={args.r} "
+          f"bottleneck={args.bottleneck}, {args.steps} steps each, {args.threads} threads")
+    for name, m in med.items():
+        print(f"  {name:<13} median step {m * 1000:8.1f} ms")
+    ratios = [("LoRA-SIBO / LoRA", med["LoRA-SIBO"] / med["LoRA"], 1.03),
+              ("Adapter-SIBO / Adapter", med["Adapter-SIBO"] / med["Adapter"], 1.03),
+              ("peft-ds LoRA / PEFT LoRA", med["LoRA"] / med["PEFT LoRA"], 1.00)]
+    for label, ratio, goal in ratios:
+        print(f"  {label:<26} {ratio:6.3f}   (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
