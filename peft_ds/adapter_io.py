@@ -23,10 +23,13 @@ def model_signature(model) -> dict:
             "num_hidden_layers": config.num_hidden_layers}
 
 
-def save_adapter(model, out_dir: str, base_model: str | None = None, extra: dict | None = None) -> str:
+def save_adapter(model, out_dir: str, base_model: str | None = None, extra: dict | None = None,
+                 state: dict | None = None) -> str:
+    """Write `state` (default: the model's adapter state dict) as a native adapter directory."""
     from safetensors.torch import save_file
 
-    state = {k: v.float().contiguous() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if state is None else state
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
     config = {"format": FORMAT, "peft_ds_version": __version__, "method": model.peft_spec.method,
               "peft_spec": model.peft_spec.to_dict(), "base_model": base_model, "base": model_signature(model),

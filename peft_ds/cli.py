@@ -101,6 +101,35 @@ def cmd_smoothness(args) -> int:
     return 0
 
 
+def _load_run_config(args):
+    from .config import load_config
+
+    overrides = list(args.set)
+    if args.resume:
+        overrides.append("train.resume=yes")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from . import train
+
+    config = _load_run_config(args)
+    if args.nproc and "RANK" not in os.environ:
+        # Check everything here, once, before any rank starts; then start the local ranks.
+        from .distributed import run_local
+
+        train.prepare(config, args.nproc)
+        argv = ["train", args.config] + [x for item in args.set for x in ("--set", item)]
+        return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED)
+    try:
+        train.train(config)
+    except train.Preempted:
+        if os.environ.get("RANK", "0") == "0":
+            print("peft-ds: stopped on a signal after saving a checkpoint; resume with --resume", file=sys.stderr)
+        return train.EXIT_PREEMPTED
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-ds", description=__doc__.split("\n")[0] + " "
                                      "Parameter-efficient adapters on frozen LLaMA / GPT-J under DeepSpeed ZeRO-3.")
@@ -115,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where smoothness.json/png go (default runs/demo)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="fine-tune adapters on a frozen backbone under DeepSpeed ZeRO-3",
+                       description="Train with a YAML run config (see configs/). Under torchrun, the deepspeed "
+                       "launcher or launcher/, every rank runs this; --nproc N starts N local ranks itself.")
+    p.add_argument("config", help="run config YAML (e.g. configs/demo_tiny_llama_lora_sibo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--nproc", type=int, default=0, help="start this many local ranks with torchrun")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preset", help="write a tiny preset as a local Hugging Face model directory")
     p.add_argument("name", help="tiny-llama or tiny-gptj")

@@ -22,6 +22,8 @@ def read_records(path: str) -> list[dict]:
         raise PeftDsError(f"data file {path} is not valid JSON: {err}") from None
     if not isinstance(records, list) or not records:
         raise PeftDsError(f"data file {path} must hold a non-empty JSON array of records")
+    if not isinstance(records[0], dict):
+        raise PeftDsError(f"data file {path}: record 0 is not a JSON object")
     for i, record in enumerate(records):
         missing = [k for k in FIELDS if not isinstance(record, dict) or k not in record]
         if missing:
@@ -46,3 +48,89 @@ def prompt_batch(tokenizer, records: list[dict], cutoff_len: int) -> dict:
     sequences = [tokenizer.encode(generate_prompt(r))[:cutoff_len] for r in records]
     ids, mask = left_pad(sequences, tokenizer.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---- training data (LLM-Adapters finetune.py conventions, reference notes 2.2-2.3) ---------------
+
+IGNORE_INDEX = -100
+
+
+def tokenize_record(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """input_ids and labels of one record: truncation at cutoff_len, EOS appended when the last token
+    is not EOS and there is room, labels of the prompt masked unless train_on_inputs."""
+    ids = tokenizer.encode(generate_prompt(record))[:cutoff_len]
+    if ids and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+        ids.append(tokenizer.eos_token_id)
+    labels = list(ids)
+    if not train_on_inputs:
+        user_len = len(tokenizer.encode(generate_prompt({**record, "output": ""}))[:cutoff_len])
+        labels = [IGNORE_INDEX] * user_len + labels[user_len:]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_id: int, multiple_of: int = 8) -> dict:
+    """Left padding to a multiple of 8 (DataCollatorForSeq2Seq(pad_to_multiple_of=8)); labels -100."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = -(-longest // multiple_of) * multiple_of
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, width - n:] = torch.tensor(e["input_ids"])
+        labels[row, width - n:] = torch.tensor(e["labels"])
+        mask[row, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build_datasets(data_config, tokenizer, seed: int):
+    """(train, validation or None) as tokenized `datasets.Dataset`s. Validation is the given file, or a
+    seeded split of val_set_size records (train_test_split(shuffle=True, seed)), as LLM-Adapters."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    records = read_records(data_config.train_file)
+    train = datasets.Dataset.from_list([{k: str(r[k]) for k in FIELDS} for r in records])
+    val = None
+    if data_config.validation_file:
+        val = datasets.Dataset.from_list([{k: str(r[k]) for k in FIELDS}
+                                          for r in read_records(data_config.validation_file)])
+    elif data_config.val_set_size > 0:
+        if data_config.val_set_size >= len(train):
+            raise PeftDsError(
+                f"data.val_set_size {data_config.val_set_size} leaves no training records "
+                f"({data_config.train_file} has {len(train)})"
+            )
+        split = train.train_test_split(test_size=data_config.val_set_size, shuffle=True, seed=seed)
+        train, val = split["train"], split["test"]
+
+    def tokenize(record):
+        return tokenize_record(tokenizer, record, data_config.cutoff_len, data_config.train_on_inputs)
+
+    def has_target(example):  # a record whose answer lies beyond cutoff_len teaches nothing
+        return any(label != IGNORE_INDEX for label in example["labels"][1:])
+
+    out = []
+    for name, ds in (("training", train), ("validation", val)):
+        if ds is None:
+            out.append(None)
+            continue
+        ds = ds.map(tokenize, remove_columns=ds.column_names).filter(has_target)
+        if len(ds) == 0:
+            raise PeftDsError(f"no {name} records left after tokenization (every answer lies beyond "
+                              f"data.cutoff_len {data_config.cutoff_len})")
+        out.append(ds)
+    return out[0], out[1]
+
+
+def epoch_order(num_records: int, seed: int, epoch: int) -> torch.Tensor:
+    """The record order of one epoch: a permutation drawn from (seed, epoch), the same on every rank."""
+    return torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+
+
+def global_batch_indices(num_records: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """Record indices of optimizer step `step` (a partial last global batch of an epoch is dropped)."""
+    steps_per_epoch = num_records // global_batch
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(num_records, seed, epoch)
+    return order[within * global_batch:(within + 1) * global_batch].tolist()

@@ -3,9 +3,11 @@ local Hugging Face model directories (config + safetensors weights + tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import zlib
 
 import torch
 
@@ -18,7 +20,7 @@ TINY_VOCAB = 1024  # the shipped sentencepiece model's vocabulary
 
 PRESETS = {
     "tiny-llama": dict(
-        model_type="llama", vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=344,
+        model_type="llama", vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=688,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     ),
@@ -41,13 +43,43 @@ def preset_config(name: str, **overrides):
     return (LlamaConfig if model_type == "llama" else GPTJConfig)(**fields)
 
 
+def init_preset_weights(model, seed: int = PRESET_SEED) -> None:
+    """Seeded init that does not depend on ZeRO-3 or the world size: every parameter is drawn from its
+    own generator, seeded by (seed, name); weights N(0, initializer_range), biases 0, norm weights 1.
+    Under ZeRO-3 one parameter is gathered at a time, so no rank holds the whole backbone."""
+    std = model.config.initializer_range
+    for name, param in model.named_parameters():
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if name.endswith("bias"):
+            value = torch.zeros(shape)
+        elif len(shape) == 1:
+            value = torch.ones(shape)
+        else:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            value = torch.empty(shape).normal_(0.0, std, generator=g)
+        with _gathered(param):
+            param.data.copy_(value.to(param.dtype))
+
+
+@contextlib.contextmanager
+def _gathered(param):
+    if not hasattr(param, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        yield
+
+
 def build_from_config(config, seed: int = PRESET_SEED, dtype=torch.float32):
-    """The real transformers class for `config`, randomly initialised from `seed` (RNG state kept)."""
+    """The real transformers class for `config`, with the preset's seeded init (partitioned when a
+    ZeRO-3 HfDeepSpeedConfig is alive)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        init_preset_weights(model, seed)
     return model
 
 
@@ -95,6 +127,53 @@ def load_model_dir(model_dir: str, dtype=torch.float32):
         model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
     )
     return model, load_tokenizer(model_dir, config["model_type"])
+
+
+def check_model_source(name_or_dir: str) -> str:
+    """The model_type of a preset name or a model directory, checked before anything is loaded."""
+    if name_or_dir in PRESETS:
+        return PRESETS[name_or_dir]["model_type"]
+    if not os.path.isdir(name_or_dir):
+        raise PeftDsError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    return check_model_dir(name_or_dir)["model_type"]
+
+
+def load_tokenizer_for(name_or_dir: str):
+    if name_or_dir in PRESETS:
+        from .tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(TINY_TOKENIZER)
+    return load_tokenizer(name_or_dir, check_model_source(name_or_dir))
+
+
+def hidden_size_of(name_or_dir: str) -> int:
+    config = preset_config(name_or_dir) if name_or_dir in PRESETS else None
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_dir, local_files_only=True, trust_remote_code=False)
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None):
+    """The backbone for training. With a ZeRO-3 `ds_config` the HfDeepSpeedConfig exists before the
+    model is built or loaded, so each rank materialises only its partition; it is kept alive on the
+    model (`model.hf_deepspeed_config`) as transformers requires."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        keep = HfDeepSpeedConfig(ds_config)
+    if name_or_dir in PRESETS:
+        model = build_from_config(preset_config(name_or_dir), dtype=dtype)
+    else:
+        check_model_dir(name_or_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+        )
+    model.hf_deepspeed_config = keep
+    return model
 
 
 def load_model(name_or_dir: str, dtype=torch.float32):

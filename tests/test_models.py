@@ -91,5 +91,5 @@ def test_cli_preset_and_errors(tmp_path):
 def test_demo_runs(tmp_path):
     r = _cli("demo", "--num-examples", "4", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
-    assert "trainable 202,752 of" in r.stdout and "up_proj" in r.stdout
+    assert "trainable 405,504 of" in r.stdout and "up_proj" in r.stdout
     assert "layer" in r.stdout and (tmp_path / "demo" / "smoothness.png").exists()

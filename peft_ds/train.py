@@ -1,0 +1,280 @@
+"""`peft-ds train`: fine-tune a frozen, ZeRO-3-sharded backbone with adapters (SPEC 3 and 5).
+
+The loop reads top to bottom: check inputs, build the sharded model, inject adapters, run global
+steps (gradient accumulation over micro-batches), validate, checkpoint, stop cleanly on a signal.
+Every rank runs this function; rank 0 alone logs and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+
+from . import checkpoint, data, distributed, ds_config, models
+from .adapter_io import save_adapter
+from .config import RunConfig, check_world_size, write_config
+from .errors import PeftDsError
+from .injection import adapter_parameters, apply_peft, format_report, trainable_report
+
+EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1 and stopped: requeue and resume
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for has been written."""
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Linear warm-up to lr, then linear decay to 0 (the transformers default), cosine, or constant."""
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def micro_seed(seed: int, step: int, micro_index: int) -> int:
+    """Dropout seed of one micro-batch: a function of its place in the global batch, not of the rank,
+    so any world size (and a resumed run) draws the same masks."""
+    return (seed * 1_000_003 + step * 4099 + micro_index) % (2**63)
+
+
+def compute_loss(engine, batch):
+    """The training objective of a micro-batch (methods with extra terms extend this)."""
+    return engine(**batch).loss
+
+
+def _existing_run(output_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(output_dir, n)) for n in ("metrics.jsonl", "checkpoints"))
+
+
+def prepare(config: RunConfig, world_size: int):
+    """Every check that needs no process group, in order; returns what the run needs."""
+    accumulation = check_world_size(config, world_size)
+    raw_ds = ds_config.load(config.deepspeed)
+    models.check_model_source(config.model.name_or_path)
+    tokenizer = models.load_tokenizer_for(config.model.name_or_path)
+    train_set, val_set = data.build_datasets(config.data, tokenizer, config.train.seed)
+    t = config.train
+    steps_per_epoch = len(train_set) // t.global_batch_size
+    if steps_per_epoch == 0:
+        raise PeftDsError(f"{len(train_set)} training records are fewer than one global batch ({t.global_batch_size})")
+    total = t.max_steps if t.max_steps > 0 else max(1, round(t.epochs * steps_per_epoch))
+    resume = t.resume == "yes" or (t.resume == "auto" and os.path.isfile(
+        os.path.join(config.output_dir, "checkpoints", checkpoint.LATEST)))
+    if not resume and _existing_run(config.output_dir):
+        raise PeftDsError(f"output_dir {config.output_dir} already holds a run; resume it (--resume) or choose "
+                          f"another output_dir")
+    if resume:
+        checkpoint.find_checkpoint(os.path.join(config.output_dir, "checkpoints"))
+    dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
+    resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(config.model.name_or_path),
+                                 micro_batch_size=t.micro_batch_size, accumulation=accumulation,
+                                 world_size=world_size, dtype=dtype)
+    return dict(accumulation=accumulation, ds=resolved, dtype=dtype, tokenizer=tokenizer, train_set=train_set,
+                val_set=val_set, total=total, steps_per_epoch=steps_per_epoch, resume=resume)
+
+
+def _batches(dataset, indices, micro, pad_id):
+    return [data.collate([dataset[i] for i in indices[k:k + micro]], pad_id) for k in range(0, len(indices), micro)]
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validation_loss(engine, val_set, micro, pad_id, rank, world):
+    """Token-weighted mean loss over the validation set, sharded over ranks. Every rank runs the same
+    number of forwards (ZeRO-3 gathers are collective): short shards repeat a batch with weight 0."""
+    batches = _batches(val_set, list(range(len(val_set))), micro, pad_id)
+    per_rank = -(-len(batches) // world)
+    total = tokens = 0.0
+    engine.eval()
+    for k in range(per_rank):
+        index = rank * per_rank + k
+        batch = batches[index] if index < len(batches) else batches[0]
+        loss = engine(**_to(batch, engine.device)).loss
+        n = float((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) if index < len(batches) else 0.0
+        total, tokens = total + loss.item() * n, tokens + n
+    engine.train()
+    total, tokens = distributed.all_reduce_sum([total, tokens])
+    return total / tokens
+
+
+def _grad_check(engine, model) -> tuple[int, int]:
+    """(adapter parameters with a gradient, all adapter parameters) before the first optimizer step."""
+    from deepspeed.utils import safe_get_full_grad
+
+    params = adapter_parameters(model)
+    with_grad = sum(1 for p in params.values() if safe_get_full_grad(p) is not None)
+    return with_grad, len(params)
+
+
+def fp32_adapter_state(model) -> dict:
+    """The fp32 master values of every adapter parameter (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in adapter_parameters(model).items():
+        value = safe_get_full_fp32_param(param) if hasattr(param, "ds_id") else None
+        state[name] = (value if value is not None else param.detach()).float().cpu().clone()
+    return state
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                train.append((row["step"], row["loss"]))
+            if "val_loss" in row:
+                val.append((row["step"], row["val_loss"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop lines past the resumed checkpoint (written by the interrupted run after its last save)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(config: RunConfig) -> dict:
+    import deepspeed
+    from tqdm.auto import tqdm
+
+    # ---- inputs: everything that can be wrong is checked before any work -------------------------
+    run = prepare(config, distributed.world_size_from_env())
+    rank, world = distributed.init()
+    distributed.barrier()  # every rank has checked the output directory before rank 0 writes into it
+    t, out = config.train, config.output_dir
+    ckpt_root, metrics_path = os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl")
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(ckpt_root, exist_ok=True)
+        write_config(config, os.path.join(out, "config.yaml"))
+        with open(os.path.join(out, "ds_config.json"), "w") as f:
+            json.dump(run["ds"], f, indent=2)
+
+    # ---- model: sharded at construction, adapters injected identically on every rank ------------
+    model = models.build_model(config.model.name_or_path, dtype=ds_config.DTYPES[run["dtype"]], ds_config=run["ds"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        apply_peft(model, config.method)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    trainable = list(adapter_parameters(model).values())
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, run["total"]))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=run["ds"])
+    if is_main:
+        print(format_report(trainable_report(model)), flush=True)
+
+    start = 0
+    if run["resume"]:
+        start, _ = checkpoint.load(engine, ckpt_root, world)
+        if is_main:
+            _truncate_metrics(metrics_path, start)
+            print(f"resumed from {ckpt_root} at step {start}", flush=True)
+    meta = {"world_size": world, "method": config.method.method, "config": config.to_dict()}
+
+    # ---- signals: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary ---------------
+    stop = {"asked": False}
+    previous = {s: signal.signal(s, lambda *_: stop.__setitem__("asked", True))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    pad_id, micro = run["tokenizer"].pad_token_id, t.micro_batch_size
+    accumulation, train_set = run["accumulation"], run["train_set"]
+    bar = tqdm(total=run["total"], initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
+    metrics = open(metrics_path, "a") if is_main else None
+    last_saved = start if run["resume"] else None
+    try:
+        for step in range(start, run["total"]):
+            began = time.perf_counter()
+            indices = data.global_batch_indices(len(train_set), t.global_batch_size, t.seed, step)
+            mine = indices[rank * accumulation * micro:(rank + 1) * accumulation * micro]
+            loss_sum = tokens = 0.0
+            for k, batch in enumerate(_batches(train_set, mine, micro, pad_id)):
+                torch.manual_seed(micro_seed(t.seed, step, rank * accumulation + k))
+                loss = compute_loss(engine, _to(batch, engine.device))
+                engine.backward(loss)
+                if step == start and k == accumulation - 1 and not run["resume"]:
+                    with_grad, n_params = _grad_check(engine, model)
+                    if with_grad != n_params:
+                        raise RuntimeError(f"only {with_grad} of {n_params} adapter parameters received a gradient")
+                    if is_main:
+                        metrics.write(json.dumps({"step": 0, "grad_check": [with_grad, n_params]}) + "\n")
+                engine.step()
+                loss_sum += loss.item()
+                tokens += float(batch["attention_mask"].sum())
+            loss_sum, tokens, asked = distributed.all_reduce_sum([loss_sum, tokens, float(stop["asked"])])
+            done = step + 1
+            row = {"step": done, "loss": loss_sum / (accumulation * world), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens / (time.perf_counter() - began)}
+            if run["val_set"] is not None and (done == run["total"] or (t.eval_every and done % t.eval_every == 0)):
+                row["val_loss"] = validation_loss(engine, run["val_set"], micro, pad_id, rank, world)
+            if is_main:
+                if done % t.log_every == 0 or "val_loss" in row or done == run["total"]:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+            if done == run["total"] or asked or (t.save_every and done % t.save_every == 0):
+                checkpoint.save(engine, ckpt_root, done, meta)
+                last_saved = done
+            if asked:
+                raise Preempted()
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # ---- outputs: the fp32 adapter, the loss curve ------------------------------------------------
+    if last_saved != run["total"]:
+        checkpoint.save(engine, ckpt_root, run["total"], meta)
+    state = fp32_adapter_state(engine.module)
+    summary = {"steps": run["total"], "checkpoint": os.path.join(ckpt_root, f"step{run['total']}"),
+               "adapter": os.path.join(out, "adapter"), "loss_plot": os.path.join(out, "loss.png"),
+               "metrics": metrics_path}
+    if is_main:
+        save_adapter(engine.module, summary["adapter"], base_model=config.model.name_or_path, state=state,
+                     extra={"source": "peft-ds train", "world_size": world, "step": run["total"]})
+        plot_losses(metrics_path, summary["loss_plot"])
+        print(f"checkpoint: {summary['checkpoint']}\nadapter:    {summary['adapter']}\n"
+              f"loss plot:  {summary['loss_plot']}\nmetrics:    {metrics_path}", flush=True)
+    distributed.barrier()
+    model.hf_deepspeed_config = None
+    return summary
