@@ -5,6 +5,7 @@ rank's files exist, so a checkpoint cut off mid-write is never picked up. The on
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -16,10 +17,14 @@ LATEST = "latest"
 META = "peft_ds_checkpoint.json"
 
 
-def rank_files(tag_dir: str, world_size: int) -> list[str]:
-    """The files DeepSpeed writes per rank for a ZeRO checkpoint (model and optimizer states)."""
-    models = [os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world_size)]
-    return models + _optim_files(tag_dir, world_size)
+def rank_files(tag_dir: str, world_size: int, zero_stage: int = 3) -> list[str]:
+    """The files DeepSpeed writes for a checkpoint: per-rank model states under ZeRO-3 (one shared file
+    otherwise), per-rank optimizer states under ZeRO 1-3 (inside the model states without ZeRO)."""
+    if zero_stage == 3:
+        models = [os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world_size)]
+    else:
+        models = [os.path.join(tag_dir, "mp_rank_00_model_states.pt")]
+    return models + (_optim_files(tag_dir, world_size) if zero_stage > 0 else [])
 
 
 def _optim_files(tag_dir: str, world_size: int) -> list[str]:
@@ -47,11 +52,11 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
     with open(meta_path) as f:
         meta = json.load(f)
     world = meta["world_size"]
-    missing = [os.path.basename(p) for p in rank_files(tag_dir, world) if not os.path.isfile(p)]
+    missing = [os.path.basename(p) for p in rank_files(tag_dir, world, meta["zero_stage"]) if not os.path.isfile(p)]
     if missing:
         raise PeftDsError(f"checkpoint {tag_dir} is incomplete: missing rank file {missing[0]}")
-    extra = os.path.join(tag_dir, f"zero_pp_rank_{world}_mp_rank_00_model_states.pt")
-    if os.path.exists(extra):
+    extra = glob.glob(os.path.join(tag_dir, f"*zero_pp_rank_{world}_mp_rank_00_*_states.pt"))
+    if extra:
         raise PeftDsError(f"checkpoint {tag_dir} has more rank files than its world size {world}")
     return tag, meta
 

@@ -106,7 +106,7 @@ def _load_run_config(args):
 
     overrides = list(args.set)
     if args.resume:
-        overrides.append("train.resume=yes")
+        overrides.append("train.resume=true")
     return load_config(args.config, overrides)
 
 

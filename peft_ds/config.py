@@ -45,7 +45,7 @@ class TrainConfig:
     save_every: int = 80  # optimizer steps between checkpoints (0: only at the end)
     eval_every: int = 80  # optimizer steps between validation losses (0: only at the end)
     gradient_checkpointing: bool = False
-    resume: str = "no"  # no | auto (resume when a complete checkpoint exists) | yes (must resume)
+    resume: bool | str = False  # false | true (must resume) | auto (resume when a complete checkpoint exists)
     log_every: int = 1
 
 
@@ -67,7 +67,7 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "method": PeftSpec, "data": DataConfig, "train": TrainConfig}
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-RESUME = ("no", "auto", "yes")
+RESUME = (False, True, "auto")
 
 
 def _fields(cls) -> dict:
@@ -82,7 +82,12 @@ def _check_type(key: str, value, hint):
         if type(None) in args:
             return None
         raise PeftDsError(f"config key {key} must not be null")
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    choices = [a for a in args if a is not type(None)] if args else [hint]
+    if len(choices) > 1:  # a union such as bool | str: the value must be one of its types
+        if any(type(value) is c for c in choices):
+            return value
+        raise PeftDsError(f"config key {key} must be one of {' or '.join(c.__name__ for c in choices)}, got {value!r}")
+    base = choices[0]
     origin = typing.get_origin(base) or base
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -168,7 +173,7 @@ def validate(config: RunConfig) -> RunConfig:
     if t.schedule not in SCHEDULES:
         raise PeftDsError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     if t.resume not in RESUME:
-        raise PeftDsError(f"train.resume must be one of {', '.join(RESUME)}, got {t.resume!r}")
+        raise PeftDsError(f"train.resume must be true, false or auto, got {t.resume!r}")
     if t.global_batch_size % t.micro_batch_size:
         raise PeftDsError(
             f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size "

@@ -68,7 +68,7 @@ def prepare(config: RunConfig, world_size: int):
     if steps_per_epoch == 0:
         raise PeftDsError(f"{len(train_set)} training records are fewer than one global batch ({t.global_batch_size})")
     total = t.max_steps if t.max_steps > 0 else max(1, round(t.epochs * steps_per_epoch))
-    resume = t.resume == "yes" or (t.resume == "auto" and os.path.isfile(
+    resume = t.resume is True or (t.resume == "auto" and os.path.isfile(
         os.path.join(config.output_dir, "checkpoints", checkpoint.LATEST)))
     if not resume and _existing_run(config.output_dir):
         raise PeftDsError(f"output_dir {config.output_dir} already holds a run; resume it (--resume) or choose "
@@ -207,7 +207,8 @@ def train(config: RunConfig) -> dict:
         if is_main:
             _truncate_metrics(metrics_path, start)
             print(f"resumed from {ckpt_root} at step {start}", flush=True)
-    meta = {"world_size": world, "method": config.method.method, "config": config.to_dict()}
+    meta = {"world_size": world, "zero_stage": ds_config.zero_stage(run["ds"]), "method": config.method.method,
+            "config": config.to_dict()}
 
     # ---- signals: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary ---------------
     stop = {"asked": False}

@@ -1,0 +1,75 @@
+"""Helpers for the multi-process tests: run configs written to disk, launches of real ranks."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATH = os.path.join(ROOT, "peft_ds", "assets", "math_sample.json")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, output_dir, model="tiny-llama", method=None, deepspeed="zero3_cpu.json", **train):
+    config = {
+        "model": {"name_or_path": model, "dtype": "fp32"},
+        "method": method or {"method": "lora", "r": 4, "alpha": 8},
+        "data": {"train_file": MATH, "val_set_size": 0, "cutoff_len": 64},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 5, "lr": 1.0e-3, "warmup_steps": 0,
+                  "save_every": 0, "eval_every": 0, **train},
+        "deepspeed": os.path.join(ROOT, "ds_configs", deepspeed),
+        "output_dir": str(output_dir),
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+def torchrun(nproc, configs, timeout=900):
+    """All `configs` trained one after another in one launch of `nproc` ranks (tests/multi_train.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), os.path.join(ROOT, "tests", "multi_train.py"), *configs]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def peft_ds(*args, timeout=900, **kwargs):
+    return subprocess.run([sys.executable, "-m", "peft_ds", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def adapter(output_dir):
+    return load_file(os.path.join(str(output_dir), "adapter", "adapter.safetensors"))
+
+
+def losses(output_dir):
+    import json
+
+    with open(os.path.join(str(output_dir), "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def relative_difference(a, b):
+    """Largest per-tensor ||a - b|| / ||b|| over two adapter state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+def assert_same_adapter(a, b, tol=1e-5):
+    worst = relative_difference(a, b)
+    assert worst <= tol, f"adapters differ: relative difference {worst:.3g} > {tol}"
+
+
+__all__ = ["ROOT", "MATH", "write_config", "torchrun", "peft_ds", "adapter", "losses", "assert_same_adapter",
+           "relative_difference", "torch"]
