@@ -94,7 +94,8 @@ def cmd_smoothness(args) -> int:
         base = config.get("base_model") or args.model[0]
         model, tokenizer = load_model(base)
         load_adapter(model, adapter_dir)
-        curves[f"{base} + {adapter_dir}"] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
+        run_name = os.path.basename(os.path.dirname(os.path.abspath(adapter_dir)))
+        curves[f"{base} + {run_name}"] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
     print(_similarity_table(curves))
     json_path, png_path = _write_smoothness(curves, args.out)
     print(f"wrote {json_path} and {png_path}")

@@ -62,6 +62,8 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "OMP_NUM_THREADS": threads}
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
         procs.append(subprocess.Popen([sys.executable, "-m", "peft_ds", *argv], env=env))
 
     def forward(signum, frame):

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import torch
 
@@ -19,6 +20,9 @@ from .adapter_io import save_adapter
 from .config import RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
+
+# DeepSpeed still calls the collectives torch renamed; one warning per call would drown the progress bar.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1 and stopped: requeue and resume
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv and install peft-ds into it. Safe to run twice.
-# Without a GPU, torch is pinned to the CPU build first, so nothing pulls the multi-GB CUDA build.
+# Create (or reuse) the virtual environment .venv and install peft-ds into it. Safe to run twice: a
+# second run only reinstalls when setup.py changed. Without a GPU, torch is pinned to the CPU build
+# first, so nothing pulls the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+STAMP="$VENV/.peft-ds-installed"
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip_install() { "$VENV/bin/python" -m pip install -q "$@"; }
@@ -19,6 +21,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       pip_install --index-url https://download.pytorch.org/whl/cpu torch
   fi
 fi
-# ninja: DeepSpeed JIT-compiles its CPU ops on first use.
-pip_install -e ".[test${EXTRAS:+,$EXTRAS}]" ninja
+if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ] || ! "$VENV/bin/python" -c "import peft_ds" 2>/dev/null; then
+  # ninja: DeepSpeed JIT-compiles its CPU ops on first use.
+  pip_install -e ".[test${EXTRAS:+,$EXTRAS}]" ninja
+  touch "$STAMP"
+fi
 echo "peft-ds installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
