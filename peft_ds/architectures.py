@@ -19,6 +19,7 @@ class Architecture:
     adapter_targets: tuple[str, ...]  # SPEC 2.2
     output_side: tuple[str, ...]  # adapter placed after the frozen linear (LLM-Adapters output_adapter)
     sibo_sites: dict  # method -> default sites, SPEC 2.3
+    adamix_adapter_targets: tuple[str, ...]  # SPEC 2.4: the FFN output
 
 
 ARCHITECTURES = {
@@ -30,7 +31,10 @@ ARCHITECTURES = {
         lora_targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
         adapter_targets=("gate_proj", "up_proj"),
         output_side=("down_proj", "o_proj"),
-        sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj")},
+        # AdaMix: LoRA's sites; the adapter mixture on the FFN output blends its (hidden-sized) input.
+        sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj"), "adamix_lora": ("up_proj",),
+                    "adamix_adapter": ("down_proj",)},
+        adamix_adapter_targets=("down_proj",),
     ),
     "gptj": Architecture(
         name="gptj",
@@ -41,7 +45,8 @@ ARCHITECTURES = {
         adapter_targets=("fc_out",),
         output_side=("fc_out", "out_proj"),
         # Official GPT-J Adapter-SIBO blends the whole MLP input (fc_in's frozen path too).
-        sibo_sites={"lora": ("fc_in",), "adapter": ("mlp",)},
+        sibo_sites={"lora": ("fc_in",), "adapter": ("mlp",), "adamix_lora": ("fc_in",), "adamix_adapter": ("fc_out",)},
+        adamix_adapter_targets=("fc_out",),
     ),
 }
 
@@ -65,7 +70,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def default_targets(arch: Architecture, method: str) -> tuple[str, ...]:
-    return arch.adapter_targets if method == "adapter" else arch.lora_targets
+    return {"adapter": arch.adapter_targets, "adamix_adapter": arch.adamix_adapter_targets}.get(method, arch.lora_targets)
 
 
 def matches(relative_name: str, names) -> bool:

@@ -61,13 +61,13 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
     return tag, meta
 
 
-def save(engine, root: str, step: int, meta: dict) -> str:
+def save(engine, root: str, step: int, meta: dict, objective_state: dict | None = None) -> str:
     """Collective: every rank writes its files; rank 0 then writes the meta file and moves `latest`."""
     from .distributed import barrier
 
     tag = f"step{step}"
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(root, tag=tag, client_state={"step": step, "objective": objective_state or {}},
+                           save_latest=False, exclude_frozen_parameters=True)
     barrier()
     if torch.distributed.get_rank() == 0:
         tag_dir = os.path.join(root, tag)
@@ -82,7 +82,7 @@ def save(engine, root: str, step: int, meta: dict) -> str:
     return tag
 
 
-def load(engine, root: str, world_size: int) -> tuple[int, dict]:
+def load(engine, root: str, world_size: int, objective=None) -> tuple[int, dict]:
     """Resume: (step, meta) of the newest complete checkpoint, loaded into the engine."""
     tag, meta = find_checkpoint(root)
     if meta["world_size"] != world_size:
@@ -94,4 +94,6 @@ def load(engine, root: str, world_size: int) -> tuple[int, dict]:
                                        load_lr_scheduler_states=True)
     if client is None:
         raise PeftDsError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+    if objective is not None:
+        objective.load_state_dict(client.get("objective", {}))
     return int(client["step"]), meta

@@ -41,6 +41,13 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def same_on_all_ranks(value: int) -> bool:
+    t = torch.tensor([value, -value], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

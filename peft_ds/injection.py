@@ -8,6 +8,7 @@ Adapter state-dict keys: `<dotted path of the wrapped base module inside the Cau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections import OrderedDict
 
@@ -16,9 +17,9 @@ from torch import nn
 
 from . import architectures
 from .errors import PeftDsError
-from .methods import ADAPTER_PARAMETER_NAMES, PEFT_LAYERS, AdapterLinear, InitialResidual, LoraLinear
-from .methods import sibo
-from .spec import PeftSpec
+from .methods import (ADAPTER_PARAMETER_NAMES, PEFT_LAYERS, AdamixAdapterLinear, AdamixLoraLinear, AdapterLinear,
+                      InitialResidual, LoraLinear, Router, adamix, method_name, sibo)
+from .spec import ADAPTER_FAMILY, PeftSpec
 
 _ADAPTER_KEY = re.compile(r"(^|\.)(" + "|".join(ADAPTER_PARAMETER_NAMES) + r")(\.\d+)?$")
 
@@ -66,9 +67,8 @@ def _plan_sites(arch, spec, layers, targets, hidden):
             raise PeftDsError(f"SIBO site {site!r} not found in the model's decoder layers")
         for rel, module in matched:
             if architectures.matches(rel, targets):
-                size = module.in_features if not (
-                    spec.method == "adapter" and architectures.matches(rel, arch.output_side)
-                ) else module.out_features
+                output_side = spec.method in ADAPTER_FAMILY and architectures.matches(rel, arch.output_side)
+                size = module.out_features if output_side else module.in_features
             elif site in architectures.WHOLE_INPUT_SITES:
                 size = next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
             else:
@@ -81,16 +81,21 @@ def _plan_sites(arch, spec, layers, targets, hidden):
                     f"SIBO site {rel!r} has input size {size}, not the hidden size {hidden}: h0 cannot be blended there"
                 )
             relative.append(rel)
-    return relative
+    return sites, relative
 
 
-def _wrap(spec, arch, rel, module, residual):
+def _wrap(spec, arch, rel, module, residual, router):
+    dropout, output_side = spec.effective_dropout, architectures.matches(rel, arch.output_side)
     if spec.method == "lora":
-        return LoraLinear(module, spec.r, spec.alpha, spec.effective_dropout, residual)
-    return AdapterLinear(
-        module, spec.bottleneck_size, spec.non_linearity, spec.effective_dropout, spec.adapter_scale,
-        output_side=architectures.matches(rel, arch.output_side), initial_residual=residual,
-    )
+        return LoraLinear(module, spec.r, spec.alpha, dropout, residual)
+    if spec.method == "adapter":
+        return AdapterLinear(module, spec.bottleneck_size, spec.non_linearity, dropout, spec.adapter_scale,
+                             output_side, residual)
+    if spec.method == "adamix_lora":
+        return AdamixLoraLinear(module, spec.r, spec.alpha, dropout, spec.num_experts, spec.share_A, spec.share_B,
+                                router, residual)
+    return AdamixAdapterLinear(module, spec.bottleneck_size, spec.non_linearity, dropout, spec.adapter_scale,
+                               output_side, spec.num_experts, spec.share_down, spec.share_up, router, residual)
 
 
 def apply_peft(model: nn.Module, spec: PeftSpec) -> nn.Module:
@@ -103,22 +108,27 @@ def apply_peft(model: nn.Module, spec: PeftSpec) -> nn.Module:
     hidden = architectures.hidden_size(model)
     targets = list(spec.target_modules or architectures.default_targets(arch, spec.method))
     plan = _plan_targets(layers, targets)
-    sites = _plan_sites(arch, spec, layers, targets, hidden) if spec.sibo else []
+    site_names, sites = _plan_sites(arch, spec, layers, targets, hidden) if spec.sibo else (None, [])
 
     for param in model.parameters():
         param.requires_grad_(False)
     residual = InitialResidual(spec.sibo_lambda, spec.sibo_learnable) if spec.sibo else None
+    # AdaMix routes come from their own generator, seeded from the caller's RNG (identical on all ranks)
+    router = Router(spec.num_experts, int(torch.randint(2**62, (1,)))) if spec.method.startswith("adamix") else None
     for index, rel, module in plan:
         parent_name, _, child = rel.rpartition(".")
         parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
         site_residual = residual if rel in sites else None
-        setattr(parent, child, _wrap(spec, arch, rel, module, site_residual).train(model.training))
+        setattr(parent, child, _wrap(spec, arch, rel, module, site_residual, router).train(model.training))
+    if router is not None:
+        adamix.attach_router(model, model.get_submodule(arch.base_model), router)
     if residual is not None:
         whole_input = [layer.get_submodule(rel) for layer in layers for rel in sites
                        if not architectures.matches(rel, targets)]
         sibo.attach(model.get_submodule(arch.embedding), model.get_submodule(arch.base_model),
                     list(layers), whole_input, residual)
-    model.peft_spec = spec
+    # the resolved spec: explicit targets and sites, so a saved or merged spec means the same anywhere
+    model.peft_spec = dataclasses.replace(spec, target_modules=targets, sibo_sites=site_names)
     return model
 
 
@@ -185,9 +195,8 @@ def trainable_report(model: nn.Module) -> dict:
     rows = OrderedDict()
     for name, module in model.named_modules():
         if isinstance(module, PEFT_LAYERS):
-            method = "lora" if isinstance(module, LoraLinear) else "adapter"
-            key = (method, name.rsplit(".", 1)[-1])
-            own = [p for n, p in module.named_parameters(recurse=False)]
+            key = (method_name(module), name.rsplit(".", 1)[-1])
+            own = [p for n, p in module.named_parameters() if not n.startswith("base_layer.")]
         elif hasattr(module, "sibo_theta") and isinstance(module.sibo_theta, nn.Parameter):
             key, own = ("sibo", "layer lambda"), [module.sibo_theta]
         else:
@@ -201,9 +210,9 @@ def trainable_report(model: nn.Module) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'method':<8} {'module':<14} {'modules':>8} {'params':>12}"]
+    lines = [f"{'method':<15} {'module':<14} {'modules':>8} {'params':>12}"]
     for row in report["rows"]:
-        lines.append(f"{row['method']:<8} {row['module']:<14} {row['modules']:>8} {row['params']:>12,}")
+        lines.append(f"{row['method']:<15} {row['module']:<14} {row['modules']:>8} {row['params']:>12,}")
     lines.append(
         f"trainable {report['trainable']:,} of {report['total']:,} parameters ({report['percent']:.4f}%)"
     )

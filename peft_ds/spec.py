@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from .errors import PeftDsError
 
-METHODS = ("lora", "adapter")
+METHODS = ("lora", "adapter", "adamix_lora", "adamix_adapter")
+ADAPTER_FAMILY = ("adapter", "adamix_adapter")
 NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
 # LLM-Adapters: lora_dropout 0.05, adapter_dropout 0.0.
-DEFAULT_DROPOUT = {"lora": 0.05, "adapter": 0.0}
+DEFAULT_DROPOUT = {"lora": 0.05, "adapter": 0.0, "adamix_lora": 0.05, "adamix_adapter": 0.0}
 
 
 @dataclass
@@ -26,6 +27,13 @@ class PeftSpec:
     sibo_lambda: float = 0.0  # 0: SIBO off
     sibo_sites: list[str] | None = None  # None: SPEC 2.3 defaults for method and architecture
     sibo_learnable: bool = False
+    # AdaMix (SPEC 2.4): experts of the adapter's down projection / LoRA's A, the other one shared
+    num_experts: int = 4
+    share_down: bool = False
+    share_up: bool = True
+    share_A: bool = False
+    share_B: bool = True
+    consistency_weight: float = 1.0
     extra: dict = field(default_factory=dict, repr=False)  # reserved for later methods; must stay empty
 
     @property
@@ -64,6 +72,14 @@ class PeftSpec:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not value):
                 raise PeftDsError(f"{name} must be a non-empty list of module names or None, got {value!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise PeftDsError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.method == "adamix_adapter" and self.share_down and self.share_up and self.num_experts > 1:
+            raise PeftDsError("share_down and share_up are both set: an adapter mixture needs experts of one of them")
+        if self.method == "adamix_lora" and self.share_A and self.share_B and self.num_experts > 1:
+            raise PeftDsError("share_A and share_B are both set: a LoRA mixture needs experts of one of them")
+        if not self.consistency_weight >= 0:
+            raise PeftDsError(f"consistency_weight must be >= 0, got {self.consistency_weight!r}")
         if self.extra:
             raise PeftDsError(f"unknown PeftSpec fields: {', '.join(sorted(self.extra))}")
         return self

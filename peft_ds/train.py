@@ -51,9 +51,32 @@ def micro_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step * 4099 + micro_index) % (2**63)
 
 
-def compute_loss(engine, batch):
-    """The training objective of a micro-batch (methods with extra terms extend this)."""
-    return engine(**batch).loss
+class Objective:
+    """What a method adds to the loop: per-step set-up, the micro-batch loss, extra metrics, and state
+    that checkpoints carry. The plain methods need nothing beyond the model's loss."""
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def loss(self, model, batch):
+        return model(**batch).loss
+
+    def metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def objective_for(model, spec) -> Objective:
+    if spec.method.startswith("adamix"):
+        from .methods.adamix import AdamixObjective
+
+        return AdamixObjective(model.adamix_router, spec.consistency_weight)
+    return Objective()
 
 
 def _existing_run(output_dir: str) -> bool:
@@ -78,7 +101,10 @@ def prepare(config: RunConfig, world_size: int):
         raise PeftDsError(f"output_dir {config.output_dir} already holds a run; resume it (--resume) or choose "
                           f"another output_dir")
     if resume:
-        checkpoint.find_checkpoint(os.path.join(config.output_dir, "checkpoints"))
+        _, meta = checkpoint.find_checkpoint(os.path.join(config.output_dir, "checkpoints"))
+        if meta["method"] != config.method.method:
+            raise PeftDsError(f"the checkpoint in {config.output_dir} was trained with method {meta['method']}, "
+                              f"the config asks for {config.method.method}")
     dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
     resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(config.model.name_or_path),
                                  micro_batch_size=t.micro_batch_size, accumulation=accumulation,
@@ -202,12 +228,13 @@ def train(config: RunConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, run["total"]))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=run["ds"])
+    objective = objective_for(model, config.method)
     if is_main:
         print(format_report(trainable_report(model)), flush=True)
 
     start = 0
     if run["resume"]:
-        start, _ = checkpoint.load(engine, ckpt_root, world)
+        start, _ = checkpoint.load(engine, ckpt_root, world, objective)
         if is_main:
             _truncate_metrics(metrics_path, start)
             print(f"resumed from {ckpt_root} at step {start}", flush=True)
@@ -227,12 +254,13 @@ def train(config: RunConfig) -> dict:
     try:
         for step in range(start, run["total"]):
             began = time.perf_counter()
+            objective.begin_step(step)
             indices = data.global_batch_indices(len(train_set), t.global_batch_size, t.seed, step)
             mine = indices[rank * accumulation * micro:(rank + 1) * accumulation * micro]
             loss_sum = tokens = 0.0
             for k, batch in enumerate(_batches(train_set, mine, micro, pad_id)):
                 torch.manual_seed(micro_seed(t.seed, step, rank * accumulation + k))
-                loss = compute_loss(engine, _to(batch, engine.device))
+                loss = objective.loss(engine, _to(batch, engine.device))
                 engine.backward(loss)
                 if step == start and k == accumulation - 1 and not run["resume"]:
                     with_grad, n_params = _grad_check(engine, model)
@@ -246,7 +274,9 @@ def train(config: RunConfig) -> dict:
             loss_sum, tokens, asked = distributed.all_reduce_sum([loss_sum, tokens, float(stop["asked"])])
             done = step + 1
             row = {"step": done, "loss": loss_sum / (accumulation * world), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / (time.perf_counter() - began)}
+                   "tokens_per_s": tokens / (time.perf_counter() - began), **objective.metrics()}
+            if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
+                raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")
             if run["val_set"] is not None and (done == run["total"] or (t.eval_every and done % t.eval_every == 0)):
                 row["val_loss"] = validation_loss(engine, run["val_set"], micro, pad_id, rank, world)
             if is_main:
@@ -256,7 +286,7 @@ def train(config: RunConfig) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
             if done == run["total"] or asked or (t.save_every and done % t.save_every == 0):
-                checkpoint.save(engine, ckpt_root, done, meta)
+                checkpoint.save(engine, ckpt_root, done, meta, objective.state_dict())
                 last_saved = done
             if asked:
                 raise Preempted()
@@ -269,7 +299,7 @@ def train(config: RunConfig) -> dict:
 
     # ---- outputs: the fp32 adapter, the loss curve ------------------------------------------------
     if last_saved != run["total"]:
-        checkpoint.save(engine, ckpt_root, run["total"], meta)
+        checkpoint.save(engine, ckpt_root, run["total"], meta, objective.state_dict())
     state = fp32_adapter_state(engine.module)
     summary = {"steps": run["total"], "checkpoint": os.path.join(ckpt_root, f"step{run['total']}"),
                "adapter": os.path.join(out, "adapter"), "loss_plot": os.path.join(out, "loss.png"),

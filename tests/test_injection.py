@@ -15,15 +15,22 @@ def closed_form_count(config, spec):
         kv = config.num_key_value_heads * (h // config.num_attention_heads)
         lora = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "up_proj": (h, inter), "down_proj": (inter, h)}
         adapter = {"gate_proj": h, "up_proj": h}
+        mixture_adapter = {"down_proj": h}
     else:
         h = config.n_embd
         inter = config.n_inner or 4 * h
         lora = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "fc_in": (h, inter), "fc_out": (inter, h)}
         adapter = {"fc_out": h}
+        mixture_adapter = {"fc_out": h}
+    M = spec.num_experts
     if spec.method == "lora":
         per_layer = sum(spec.r * (i + o) for i, o in lora.values())
-    else:
+    elif spec.method == "adapter":
         per_layer = sum(2 * spec.bottleneck_size * d for d in adapter.values())
+    elif spec.method == "adamix_lora":  # M experts of A, one shared B
+        per_layer = sum(spec.r * (M * i + o) for i, o in lora.values())
+    else:  # M experts of the down projection, one shared up projection
+        per_layer = sum((M + 1) * spec.bottleneck_size * d for d in mixture_adapter.values())
     return L * per_layer + (L if spec.sibo_learnable else 0)
 
 
@@ -33,6 +40,8 @@ SPECS = {
     "lora-sibo-learnable": PeftSpec(method="lora", r=4, alpha=8, sibo_lambda=0.2, sibo_learnable=True),
     "adapter": PeftSpec(method="adapter", bottleneck_size=8),
     "adapter-sibo-learnable": PeftSpec(method="adapter", bottleneck_size=8, sibo_lambda=0.1, sibo_learnable=True),
+    "adamix-lora-sibo": PeftSpec(method="adamix_lora", r=4, alpha=8, sibo_lambda=0.2),
+    "adamix-adapter": PeftSpec(method="adamix_adapter", bottleneck_size=8, num_experts=3),
 }
 
 
@@ -44,7 +53,13 @@ def test_gradients_only_on_adapters_and_counts(name, label):
     randomize_adapters(model)
     model.train()
     ids, _ = random_batch()
-    model(input_ids=ids, labels=ids).loss.backward()
+    if spec.method.startswith("adamix"):  # each expert must be routed at least once to get a gradient
+        from peft_ds.methods.adamix import consistency_loss
+
+        for _ in range(12):
+            consistency_loss(model, {"input_ids": ids, "labels": ids}, 1.0).backward()
+    else:
+        model(input_ids=ids, labels=ids).loss.backward()
     adapter_names = set(peft_ds.adapter_state_dict(model))
     for n, p in model.named_parameters():
         if n in adapter_names:

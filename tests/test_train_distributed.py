@@ -17,6 +17,13 @@ METHODS = {
     "adapter-sibo": {"method": "adapter", "bottleneck_size": 8, "sibo_lambda": 0.2},
     "lora-sibo-learnable": {"method": "lora", "r": 4, "alpha": 8, "sibo_lambda": 0.2, "sibo_learnable": True},
 }
+ADAMIX = {
+    "adamix-lora": {"method": "adamix_lora", "r": 4, "alpha": 8},
+    "adamix-lora-sibo": {"method": "adamix_lora", "r": 4, "alpha": 8, "sibo_lambda": 0.2},
+    "adamix-adapter": {"method": "adamix_adapter", "bottleneck_size": 8},
+    "adamix-adapter-sibo": {"method": "adamix_adapter", "bottleneck_size": 8, "sibo_lambda": 0.2},
+}
+METHODS.update(ADAMIX)
 MODELS = ["tiny-llama", "tiny-gptj"]
 GC = [("tiny-llama", "lora-sibo-learnable"), ("tiny-gptj", "adapter-sibo")]
 
@@ -46,6 +53,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("label", list(METHODS))
 def test_two_ranks_equal_one_rank(runs, model, label):
+    """Every core method (issue 2) and both AdaMix mixtures, SIBO on and off."""
     a, b = adapter(runs / f"{model}-{label}-w1"), adapter(runs / f"{model}-{label}-w2")
     assert_same_adapter(b, a, tol=1e-5)
     la, lb = losses(runs / f"{model}-{label}-w1"), losses(runs / f"{model}-{label}-w2")
@@ -53,6 +61,20 @@ def test_two_ranks_equal_one_rank(runs, model, label):
     assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in la)
     # and training moved the adapter away from its initial values
     assert la[5] < la[1]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("label", list(ADAMIX))
+def test_adamix_routes_are_the_same_on_any_world_size(runs, model, label):
+    import json
+
+    def digests(out):
+        with open(out / "metrics.jsonl") as f:
+            return [row["route_digest"] for row in map(json.loads, f) if "route_digest" in row]
+
+    one, two = digests(runs / f"{model}-{label}-w1"), digests(runs / f"{model}-{label}-w2")
+    # each 2-rank step checked both ranks' routes agree (the run raises otherwise)
+    assert len(one) == 5 and one == two and len(set(one)) == 5
 
 
 @pytest.mark.parametrize("model,label", GC)

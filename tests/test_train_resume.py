@@ -77,11 +77,12 @@ def test_kill_and_resume_matches_uninterrupted(reference, tmp_path):
     assert_same_run(tmp_path / "killed", reference)
 
 
-def test_sigusr1_saves_exits_75_and_resumes(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_signal_saves_exits_75_and_resumes(reference, tmp_path, signum):
     cfg = config(tmp_path, "signalled")
     proc = start(cfg)
     wait_for_step(tmp_path / "signalled", 3, proc)
-    os.kill(proc.pid, signal.SIGUSR1)  # what Slurm's --signal=USR1@T delivers
+    os.kill(proc.pid, signum)  # SIGUSR1: what Slurm's --signal=USR1@T delivers; SIGTERM: preemption
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-2000:]
     assert "stopped on a signal after saving a checkpoint" in out
@@ -118,3 +119,27 @@ def test_incomplete_checkpoints_are_refused(reference, tmp_path):
         f.write(f"step{STEPS - 2}")
     r = peft_ds("train", cfg, "--nproc", "1", "--resume")
     assert r.returncode != 0 and "cannot be resumed on another world size" in (r.stderr + r.stdout)
+
+
+def test_adamix_resume_continues_the_route_sequence(tmp_path):
+    cfg = write_config(tmp_path / "adamix.yaml", tmp_path / "adamix", model="tiny-llama",
+                       method={"method": "adamix_lora", "r": 4, "alpha": 8, "sibo_lambda": 0.2}, max_steps=6,
+                       save_every=3, lr=1.0e-2)
+    r = peft_ds("train", cfg, "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "adamix"
+    with open(out / "metrics.jsonl") as f:
+        routes = [row["route_digest"] for row in map(json.loads, f) if "route_digest" in row]
+    final = adapter(out)
+    # back to the step-3 checkpoint, as if the job had stopped there
+    shutil.rmtree(out / "checkpoints" / "step6")
+    shutil.rmtree(out / "adapter")
+    with open(out / "checkpoints" / "latest", "w") as f:
+        f.write("step3")
+    r = peft_ds("train", cfg, "--nproc", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        resumed = [row["route_digest"] for row in map(json.loads, f) if "route_digest" in row]
+    assert resumed == routes and len(set(routes)) == 6
+    again = adapter(out)
+    assert all(torch.allclose(again[k], final[k], rtol=1e-6, atol=1e-8) for k in final)

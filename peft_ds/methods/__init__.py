@@ -1,11 +1,18 @@
 """One file per method; pure PyTorch (no DeepSpeed import)."""
 
+from .adamix import AdamixAdapterLinear, AdamixLoraLinear, Router
 from .adapter import AdapterLinear
 from .lora import LoraLinear
 from .sibo import InitialResidual
 
 # Names of every adapter parameter, as they end a state-dict key (an index follows for expert lists).
 ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "adapter_down", "adapter_up", "sibo_theta")
-PEFT_LAYERS = (LoraLinear, AdapterLinear)
+PEFT_LAYERS = (LoraLinear, AdapterLinear)  # the AdaMix mixtures are subclasses
 
-__all__ = ["AdapterLinear", "LoraLinear", "InitialResidual", "ADAPTER_PARAMETER_NAMES", "PEFT_LAYERS"]
+
+def method_name(module) -> str:
+    return {AdamixLoraLinear: "adamix_lora", AdamixAdapterLinear: "adamix_adapter",
+            LoraLinear: "lora", AdapterLinear: "adapter"}[type(module)]
+
+__all__ = ["AdapterLinear", "LoraLinear", "AdamixLoraLinear", "AdamixAdapterLinear", "InitialResidual", "Router",
+           "ADAPTER_PARAMETER_NAMES", "PEFT_LAYERS", "method_name"]

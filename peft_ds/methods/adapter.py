@@ -28,15 +28,22 @@ class AdapterLinear(nn.Module):
         device = base_layer.weight.device
         self.adapter_down = nn.Parameter(torch.empty(bottleneck_size, d, device=device).normal_(0.0, 0.02))
         self.adapter_up = nn.Parameter(torch.empty(d, bottleneck_size, device=device).normal_(0.0, 0.02))
+        self.non_linearity = non_linearity
         self.activation = ACT2FN[non_linearity]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
         self._initial_residual = initial_residual
 
+    def branch(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.activation(F.linear(z, self.adapter_down)), self.adapter_up) * self.scale
+
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.dropout(branch_input(self._initial_residual, x).to(self.adapter_down.dtype))
-        out = F.linear(self.activation(F.linear(z, self.adapter_down)), self.adapter_up) * self.scale
-        return x + out.to(x.dtype)
+        z = self.dropout(branch_input(self._initial_residual, x).to(self.adapter_up_dtype()))
+        return x + self.branch(z).to(x.dtype)
+
+    def adapter_up_dtype(self) -> torch.dtype:
+        """The adapter's working dtype (fp32, or the 16-bit copy DeepSpeed trains with)."""
+        return self.adapter_up.dtype if isinstance(self.adapter_up, torch.Tensor) else self.adapter_up[0].dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output_side:

@@ -34,8 +34,14 @@ class LoraLinear(nn.Module):
     def branch_input_size(self) -> int:
         return self.base_layer.in_features
 
+    def delta(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        x = self.dropout(branch_input(self._initial_residual, x).to(self.lora_A.dtype))
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        return result + delta.to(result.dtype)
+        z = self.dropout(branch_input(self._initial_residual, x).to(self.lora_B_dtype()))
+        return result + self.delta(z).to(result.dtype)
+
+    def lora_B_dtype(self) -> torch.dtype:
+        """The adapter's working dtype (fp32, or the 16-bit copy DeepSpeed trains with)."""
+        return self.lora_B.dtype if isinstance(self.lora_B, torch.Tensor) else self.lora_B[0].dtype
