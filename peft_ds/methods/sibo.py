@@ -59,7 +59,9 @@ class InitialResidual:
         h0, lam = self._active[-1]
         if torch.is_tensor(lam):
             lam = lam.to(x.dtype)
-        return (1 - lam) * x + lam * h0.to(x.dtype)  # SIBO Eq. 4
+        if h0.dtype != x.dtype:
+            h0 = h0.to(x.dtype)
+        return torch.lerp(x, h0, lam)  # SIBO Eq. 4: (1 - lambda) x + lambda h0, one fused op
 
 
 def branch_input(residual: InitialResidual | None, x: torch.Tensor) -> torch.Tensor:
