@@ -109,9 +109,10 @@ class AdamixLoraLinear(LoraLinear):
         self._router = router
         self.route_index = router.register()
 
-    def delta(self, z):
+    def add_delta(self, result, z):
         A, B = stacked(self.lora_A), stacked(self.lora_B)
-        return over_views(self, z, lambda part, i, j: F.linear(F.linear(part, expert(A, i)), expert(B, j)) * self.scaling)
+        delta = over_views(self, z, lambda part, i, j: F.linear(F.linear(part, expert(A, i)), expert(B, j)))
+        return result + (delta * self.scaling).to(result.dtype)
 
     def merged(self) -> LoraLinear:
         """A plain LoRA with each expert set averaged: with shared B, exactly the mean of the experts' dW."""
