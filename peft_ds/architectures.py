@@ -33,7 +33,7 @@ ARCHITECTURES = {
         output_side=("down_proj", "o_proj"),
         # AdaMix: LoRA's sites; the adapter mixture on the FFN output blends its (hidden-sized) input.
         sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj"), "adamix_lora": ("up_proj",),
-                    "adamix_adapter": ("down_proj",)},
+                    "adamix_adapter": ("down_proj",), "bilora": ("up_proj",)},
         adamix_adapter_targets=("down_proj",),
     ),
     "gptj": Architecture(
@@ -45,7 +45,8 @@ ARCHITECTURES = {
         adapter_targets=("fc_out",),
         output_side=("fc_out", "out_proj"),
         # Official GPT-J Adapter-SIBO blends the whole MLP input (fc_in's frozen path too).
-        sibo_sites={"lora": ("fc_in",), "adapter": ("mlp",), "adamix_lora": ("fc_in",), "adamix_adapter": ("fc_out",)},
+        sibo_sites={"lora": ("fc_in",), "adapter": ("mlp",), "adamix_lora": ("fc_in",), "adamix_adapter": ("fc_out",),
+                    "bilora": ("fc_in",)},
         adamix_adapter_targets=("fc_out",),
     ),
 }

@@ -18,7 +18,7 @@ from torch import nn
 from . import architectures
 from .errors import PeftDsError
 from .methods import (ADAPTER_PARAMETER_NAMES, PEFT_LAYERS, AdamixAdapterLinear, AdamixLoraLinear, AdapterLinear,
-                      InitialResidual, LoraLinear, Router, adamix, method_name, sibo)
+                      BiLoraLinear, InitialResidual, LoraLinear, Router, adamix, method_name, sibo)
 from .spec import ADAPTER_FAMILY, PeftSpec
 
 _ADAPTER_KEY = re.compile(r"(^|\.)(" + "|".join(ADAPTER_PARAMETER_NAMES) + r")(\.\d+)?$")
@@ -91,6 +91,8 @@ def _wrap(spec, arch, rel, module, residual, router):
     if spec.method == "adapter":
         return AdapterLinear(module, spec.bottleneck_size, spec.non_linearity, dropout, spec.adapter_scale,
                              output_side, residual)
+    if spec.method == "bilora":
+        return BiLoraLinear(module, spec.r, spec.alpha, dropout, spec.singular_values, residual)
     if spec.method == "adamix_lora":
         return AdamixLoraLinear(module, spec.r, spec.alpha, dropout, spec.num_experts, spec.share_A, spec.share_B,
                                 router, residual)

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from .errors import PeftDsError
 
-METHODS = ("lora", "adapter", "adamix_lora", "adamix_adapter")
+METHODS = ("lora", "adapter", "adamix_lora", "adamix_adapter", "bilora")
 ADAPTER_FAMILY = ("adapter", "adamix_adapter")
 NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
 # LLM-Adapters: lora_dropout 0.05, adapter_dropout 0.0.
-DEFAULT_DROPOUT = {"lora": 0.05, "adapter": 0.0, "adamix_lora": 0.05, "adamix_adapter": 0.0}
+DEFAULT_DROPOUT = {"lora": 0.05, "adapter": 0.0, "adamix_lora": 0.05, "adamix_adapter": 0.0, "bilora": 0.05}
+SINGULAR_VALUES = ("softmax", "real", "binary")
+HYPERGRADIENTS = ("darts", "first_order", "exact")
 
 
 @dataclass
@@ -34,6 +36,17 @@ class PeftSpec:
     share_A: bool = False
     share_B: bool = True
     consistency_weight: float = 1.0
+    # BiLoRA (SPEC 2.5): lam(E) form, regulariser weights, T1 lower / T2 upper steps per global step,
+    # the D1:D2 split, the upper learning rate (None: train.lr), the hypergradient and DARTS's xi
+    singular_values: str = "softmax"
+    gamma1: float = 0.1
+    gamma2: float = 1e-4  # not given by the paper; the lab's BiDoRA code carries lamb=1e-4
+    T1: int = 1
+    T2: int = 1
+    split_ratio: float = 0.8
+    upper_lr: float | None = None
+    hypergradient: str = "darts"
+    darts_xi: float = 1.0
     extra: dict = field(default_factory=dict, repr=False)  # reserved for later methods; must stay empty
 
     @property
@@ -80,6 +93,22 @@ class PeftSpec:
             raise PeftDsError("share_A and share_B are both set: a LoRA mixture needs experts of one of them")
         if not self.consistency_weight >= 0:
             raise PeftDsError(f"consistency_weight must be >= 0, got {self.consistency_weight!r}")
+        if self.singular_values not in SINGULAR_VALUES:
+            raise PeftDsError(f"unknown singular_values form {self.singular_values!r}; choose one of "
+                              f"{', '.join(SINGULAR_VALUES)}")
+        for name in ("T1", "T2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PeftDsError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < self.split_ratio < 1.0:
+            raise PeftDsError(f"split_ratio must be in (0, 1), got {self.split_ratio!r}")
+        if self.hypergradient not in HYPERGRADIENTS:
+            raise PeftDsError(f"unknown hypergradient {self.hypergradient!r}; choose one of {', '.join(HYPERGRADIENTS)}")
+        for name in ("gamma1", "gamma2"):
+            if not getattr(self, name) >= 0:
+                raise PeftDsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.upper_lr is not None and not self.upper_lr > 0:
+            raise PeftDsError(f"upper_lr must be > 0, got {self.upper_lr!r}")
         if self.extra:
             raise PeftDsError(f"unknown PeftSpec fields: {', '.join(sorted(self.extra))}")
         return self

@@ -85,6 +85,10 @@ def _existing_run(output_dir: str) -> bool:
 
 def prepare(config: RunConfig, world_size: int):
     """Every check that needs no process group, in order; returns what the run needs."""
+    if config.method.method == "bilora":
+        raise PeftDsError("method bilora: the module, its regularisers, fold() and the hypergradients exist "
+                          "(peft_ds.methods.bilora), but peft-ds train has no bi-level loop yet; a single-level run "
+                          "would silently train E on D1, so it is refused")
     accumulation = check_world_size(config, world_size)
     raw_ds = ds_config.load(config.deepspeed)
     models.check_model_source(config.model.name_or_path)

@@ -1,0 +1,163 @@
+"""BiLoRA: pseudo-SVD LoRA trained by bi-level optimisation (SPEC 2.5; Qiang, Zhang, Xie, 2024).
+
+    dW = s * P diag(lam(E)) Q,   s = alpha / r,   P: out x r, Q: r x in (N(0, 0.02), as AdaLoRA), E: r
+
+lam(E): softmax (default; E = 0 at init, so lam = 1/r), real (lam = E), binary (lam = sigmoid(E),
+with gamma2 times the entropy H(lam) added to the upper loss). The lower level trains P and Q (and any
+other non-E adapter parameter) on D1 with gamma1 * R1; the upper level trains E on D2.
+
+Hypergradients for E (`hypergradient`): `darts` (Betty's finite-difference form, SPEC 2.5),
+`first_order` (the direct term only) and `exact` (autograd through T1 unrolled SGD steps)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoraLinear
+from .sibo import InitialResidual, branch_input
+
+LAMBDA_FORMS = ("softmax", "real", "binary")
+UPPER = "bilora_E"
+
+
+def singular_values(E: torch.Tensor, form: str) -> torch.Tensor:
+    """lam(E), BiLoRA's pseudo singular values."""
+    if form == "softmax":
+        return torch.softmax(E.float(), -1).to(E.dtype)
+    if form == "binary":
+        return torch.sigmoid(E)
+    return E
+
+
+class BiLoraLinear(nn.Module):
+    """Wraps a frozen nn.Linear:  y = W x + s * P diag(lam(E)) Q dropout(x~)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, form: str,
+                 initial_residual: InitialResidual | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        self.bilora_P = nn.Parameter(torch.empty(base_layer.out_features, r, device=device).normal_(0.0, 0.02))
+        self.bilora_E = nn.Parameter(torch.zeros(r, device=device))
+        self.bilora_Q = nn.Parameter(torch.empty(r, base_layer.in_features, device=device).normal_(0.0, 0.02))
+        self.form = form
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._initial_residual = initial_residual
+
+    @property
+    def branch_input_size(self) -> int:
+        return self.base_layer.in_features
+
+    def lam(self) -> torch.Tensor:
+        return singular_values(self.bilora_E, self.form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        z = self.dropout(branch_input(self._initial_residual, x).to(self.bilora_P.dtype))
+        h = F.linear(z, self.bilora_Q) * (self.lam() * self.scaling)
+        return result + F.linear(h, self.bilora_P).to(result.dtype)
+
+    def fold(self) -> LoraLinear:
+        """A plain LoRA with identical outputs: B' = P diag(lam), A' = Q, same r and alpha."""
+        plain = LoraLinear(self.base_layer, self.r, self.alpha, 0.0, self._initial_residual)
+        plain.dropout = self.dropout
+        with torch.no_grad():
+            plain.lora_A.copy_(self.bilora_Q)
+            plain.lora_B.copy_(self.bilora_P * self.lam())
+        return plain.train(self.training)
+
+
+def modules(model: nn.Module) -> list[BiLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, BiLoraLinear)]
+
+
+def orthogonality(model: nn.Module) -> torch.Tensor:
+    """R1 = sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2 over the BiLoRA modules."""
+    total = 0.0
+    for m in modules(model):
+        P, Q = m.bilora_P.float(), m.bilora_Q.float()
+        eye = torch.eye(P.shape[1], device=P.device)
+        total = total + ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
+    return torch.as_tensor(total)
+
+
+def entropy(model: nn.Module) -> torch.Tensor:
+    """H(lam) = -sum [lam log lam + (1 - lam) log(1 - lam)] over the binary-form modules. SPEC 2.5:
+    the paper's printed R2 is minus this; minimising H pushes lam to 0 or 1, the paper's stated intent."""
+    total = 0.0
+    for m in modules(model):
+        if m.form == "binary":
+            lam = m.lam().float().clamp(1e-6, 1 - 1e-6)
+            total = total - (lam * lam.log() + (1 - lam) * (1 - lam).log()).sum()
+    return torch.as_tensor(total)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(lower, upper): E is the upper level; every other trainable adapter parameter is the lower."""
+    lower, upper = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (upper if name.endswith(UPPER) else lower).append(p)
+    return lower, upper
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replace every BiLoRA module by its folded plain LoRA, in place."""
+    import dataclasses
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BiLoraLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.fold())
+    model.peft_spec = dataclasses.replace(model.peft_spec, method="lora")
+    return model
+
+
+# ---- hypergradients of the upper loss with respect to E (SPEC 2.5) ------------------------------
+
+
+def _flat_norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors))
+
+
+def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bool = False, xi: float = 1.0,
+                        alpha: float = 0.01):
+    """E's gradient: g = dL2/dE; for darts also v = dL2/dV, eps = alpha / ||v||, g+- = dL1/dE at
+    V +- eps v (lower_loss_fn: the lower loss on the last D1 batch), and g + xi (g- - g+) / (2 eps).
+    The lower parameters are restored exactly (they are saved, not re-added)."""
+    grads = torch.autograd.grad(upper_loss, upper + ([] if first_order else lower), allow_unused=True)
+    g = [torch.zeros_like(p) if d is None else d for p, d in zip(upper, grads[: len(upper)])]
+    if first_order:
+        return g
+    v = [torch.zeros_like(p) if d is None else d for p, d in zip(lower, grads[len(upper):])]
+    eps = alpha / (_flat_norm(v) + 1e-15)
+    saved = [p.detach().clone() for p in lower]
+    terms = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, s, d in zip(lower, saved, v):
+                p.copy_(s + sign * eps * d)
+        terms.append(torch.autograd.grad(lower_loss_fn(), upper, allow_unused=True))
+    with torch.no_grad():
+        for p, s in zip(lower, saved):
+            p.copy_(s)
+    g_plus, g_minus = ([torch.zeros_like(p) if d is None else d for p, d in zip(upper, t)] for t in terms)
+    return [gi + xi * (gm - gp) / (2 * eps) for gi, gp, gm in zip(g, g_plus, g_minus)]
+
+
+def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float):
+    """d L2(V_T(E), E) / dE through T unrolled SGD steps V_{t+1} = V_t - lr dL1_t/dV (create_graph):
+    for small models and tests; it holds every step's graph."""
+    from torch.func import functional_call
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {names[id(p)]: p for p in lower}
+    for loss_fn in lower_loss_fns:
+        loss = loss_fn(lambda *a, **k: functional_call(model, params, a, k))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {n: p - lr * d for (n, p), d in zip(params.items(), grads)}
+    loss = upper_loss_fn(lambda *a, **k: functional_call(model, params, a, k))
+    return list(torch.autograd.grad(loss, upper))
