@@ -23,14 +23,13 @@ import warnings
 warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from common import enlarged_llama_config  # noqa: E402
 
 
 def model_config(args):
-    from peft_ds.models import preset_config
-
-    return preset_config("tiny-llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64)
+    return enlarged_llama_config(args.hidden, args.layers)
 
 
 def spec(variant):

@@ -15,16 +15,15 @@ import statistics
 import time
 
 import torch
+from common import enlarged_llama_config
 
 import peft_ds
 from peft_ds.architectures import ARCHITECTURES
-from peft_ds.models import build_preset
+from peft_ds.models import build_from_config
 
 
 def make_variants(args):
-    overrides = dict(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-                     num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                     num_key_value_heads=args.hidden // 64)
+    config = enlarged_llama_config(args.hidden, args.layers)
     lora = dict(method="lora", r=args.r, alpha=2 * args.r)
     adapter = dict(method="adapter", bottleneck_size=args.bottleneck)
     specs = {
@@ -33,13 +32,13 @@ def make_variants(args):
         "Adapter": peft_ds.PeftSpec(**adapter),
         "Adapter-SIBO": peft_ds.PeftSpec(**adapter, sibo_lambda=0.1),
     }
-    variants = {name: peft_ds.apply_peft(build_preset("tiny-llama", **overrides), spec) for name, spec in specs.items()}
+    variants = {name: peft_ds.apply_peft(build_from_config(config), spec) for name, spec in specs.items()}
 
     from peft import LoraConfig, get_peft_model
 
     targets = list(ARCHITECTURES["llama"].lora_targets)
     variants["PEFT LoRA"] = get_peft_model(
-        build_preset("tiny-llama", **overrides),
+        build_from_config(config),
         LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=targets),
     )
     return variants

@@ -15,6 +15,7 @@ import time
 import warnings
 
 import torch
+from common import enlarged_llama_config
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -35,12 +36,10 @@ def main():
     import peft_ds
     from peft_ds import distributed, ds_config
     from peft_ds.injection import adapter_parameters
-    from peft_ds.models import build_from_config, preset_config
+    from peft_ds.models import build_from_config
 
     distributed.init()
-    config = preset_config("tiny-llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-                           num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                           num_key_value_heads=args.hidden // 64)
+    config = enlarged_llama_config(args.hidden, args.layers)
     spec = peft_ds.PeftSpec(method="lora", r=32, alpha=64, sibo_lambda=0.1, dropout=0.0)
     ids = torch.randint(3, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import PeftDsError
+from .errors import PeftDsError, read_json
 from .injection import adapter_state_dict, apply_peft, load_adapter_state_dict
 from .spec import PeftSpec
 from .version import __version__
@@ -44,11 +44,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG)
     if not os.path.isfile(path):
         raise PeftDsError(f"adapter directory {adapter_dir} has no {CONFIG}")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise PeftDsError(f"{path} is not valid JSON: {err}") from None
+    config = read_json(path, "adapter config")
     if config.get("format") != FORMAT:
         raise PeftDsError(f"{path} is not a peft-ds adapter config (format {config.get('format')!r})")
     if not os.path.isfile(os.path.join(adapter_dir, WEIGHTS)):

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import json
 
 import torch
 
-from .errors import PeftDsError
+from .errors import PeftDsError, read_json
 from .prompts import generate_prompt
 
 FIELDS = ("instruction", "input", "output")
 
 
 def read_records(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        raise PeftDsError(f"data file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise PeftDsError(f"data file {path} is not valid JSON: {err}") from None
+    records = read_json(path, "data file")
     if not isinstance(records, list) or not records:
         raise PeftDsError(f"data file {path} must hold a non-empty JSON array of records")
     if not isinstance(records[0], dict):

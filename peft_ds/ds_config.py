@@ -5,24 +5,17 @@ Trainer formulas), so that no "auto" ever reaches DeepSpeed (it silently drops t
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 
-from .errors import PeftDsError
+from .errors import PeftDsError, read_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise PeftDsError(f"DeepSpeed config {path} does not exist")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise PeftDsError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    config = read_json(path, "DeepSpeed config")
     if not isinstance(config, dict):
         raise PeftDsError(f"DeepSpeed config {path} must be a JSON object")
     return config

@@ -3,3 +3,16 @@
 
 class PeftDsError(ValueError):
     """A problem with the user's input (spec, config, files), reported before any work starts."""
+
+
+def read_json(path: str, what: str):
+    """The parsed JSON at `path`; a missing or malformed file is one PeftDsError naming `what` and path."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PeftDsError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise PeftDsError(f"{what} {path} is not valid JSON: {err}") from None

@@ -4,7 +4,6 @@ local Hugging Face model directories (config + safetensors weights + tokenizer).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -12,7 +11,7 @@ import zlib
 
 import torch
 
-from .errors import PeftDsError
+from .errors import PeftDsError, read_json
 from .tokenizer import TOKENIZER_MODEL, load_tokenizer
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -99,11 +98,7 @@ def read_model_config(model_dir: str) -> dict:
         raise PeftDsError(f"model directory {model_dir} does not exist")
     if not os.path.isfile(path):
         raise PeftDsError(f"model directory {model_dir} has no config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise PeftDsError(f"{path} is not valid JSON: {err}") from None
+    config = read_json(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise PeftDsError(
             f"{path}: unsupported model_type {config.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
