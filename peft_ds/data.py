@@ -127,3 +127,13 @@ def global_batch_indices(num_records: int, global_batch: int, seed: int, step: i
     epoch, within = divmod(step, steps_per_epoch)
     order = epoch_order(num_records, seed, epoch)
     return order[within * global_batch:(within + 1) * global_batch].tolist()
+
+
+def bilevel_split(num_records: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """BiLoRA's D1 (lower level) and D2 (upper level): a seeded shuffle of the training records cut at
+    `ratio` (SPEC 2.5: 8:2; BiDoRA's random_split(int(0.8 N), N - int(0.8 N)))."""
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(ratio * num_records)
+    if cut == 0 or cut == num_records:
+        raise PeftDsError(f"split_ratio {ratio} leaves one level without records ({num_records} records)")
+    return sorted(order[:cut]), sorted(order[cut:])

@@ -178,3 +178,13 @@ def test_training_is_refused_until_the_bilevel_loop_exists(tmp_path):
 
     with pytest.raises(PeftDsError, match="no bi-level loop yet"):
         prepare(load_config(None, ["method.method=bilora", f"output_dir={tmp_path}/out"]), 1)
+
+
+def test_d1_d2_split_is_seeded_disjoint_and_8_to_2():
+    from peft_ds.data import bilevel_split
+
+    d1, d2 = bilevel_split(1000, 0.8, seed=42)
+    assert len(d1) == 800 and len(d2) == 200 and not set(d1) & set(d2) and sorted(d1 + d2) == list(range(1000))
+    assert (d1, d2) == bilevel_split(1000, 0.8, seed=42) and d2 != bilevel_split(1000, 0.8, seed=7)[1]
+    with pytest.raises(PeftDsError, match="leaves one level without records"):
+        bilevel_split(3, 0.2, seed=0)
