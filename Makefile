@@ -1,6 +1,8 @@
 # The README's two set-up commands: `make demo` (install + main job) and `make test` (install + tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles its CPU ops with the ninja found on PATH: use the venv's, always the same one.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_OUT := runs/demo_tiny_llama_lora_sibo
 
 .PHONY: install demo test

@@ -154,12 +154,13 @@ def _grad_check(engine, model) -> tuple[int, int]:
 
 
 def fp32_adapter_state(model) -> dict:
-    """The fp32 master values of every adapter parameter (collective under ZeRO)."""
+    """The fp32 master values of every adapter parameter (collective under ZeRO); the parameter itself
+    where DeepSpeed keeps no separate master (fp32 without ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {}
     for name, param in adapter_parameters(model).items():
-        value = safe_get_full_fp32_param(param) if hasattr(param, "ds_id") else None
+        value = safe_get_full_fp32_param(param)
         state[name] = (value if value is not None else param.detach()).float().cpu().clone()
     return state
 
