@@ -30,7 +30,23 @@ def init() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+# Set by srun (for a step of several tasks) and by mpirun: then every process is one of several ranks.
+TASK_COUNT_VARIABLES = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def world_size_from_env() -> int:
+    """WORLD_SIZE, or 1 for a lone process. A process started as one of several srun / mpirun tasks
+    without RANK and WORLD_SIZE is refused: it would train alone, beside its siblings, into the same
+    output directory."""
+    if "WORLD_SIZE" not in os.environ:
+        for name in TASK_COUNT_VARIABLES:
+            if int(os.environ.get(name, "1") or 1) > 1:
+                from .errors import PeftDsError
+
+                raise PeftDsError(
+                    f"started as one of {os.environ[name]} tasks ({name}) without RANK/WORLD_SIZE: start the ranks "
+                    f"with torchrun, the deepspeed launcher or --nproc (srun and mpirun rank discovery: launcher/)"
+                )
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

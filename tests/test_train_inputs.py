@@ -80,3 +80,11 @@ def test_readme_demo_run_trains(tmp_path):
     assert (out / "loss.png").exists() and (out / "adapter" / "adapter.safetensors").exists()
     with open(out / "metrics.jsonl") as f:
         assert any("val_loss" in json.loads(line) for line in f)
+
+
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_sibling_tasks_without_rank_variables_are_refused(capsys, tmp_path, base, monkeypatch, variable):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "4")
+    _fails(capsys, tmp_path, ["train", base], f"started as one of 4 tasks ({variable}) without RANK/WORLD_SIZE")
