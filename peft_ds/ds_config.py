@@ -5,7 +5,6 @@ Trainer formulas), so that no "auto" ever reaches DeepSpeed (it silently drops t
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 

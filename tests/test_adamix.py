@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import ARCHS, random_batch, tiny
 
 import peft_ds

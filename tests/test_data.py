@@ -4,7 +4,6 @@ padding to a multiple of 8, the seeded validation split, the global batch order.
 import json
 
 import pytest
-import torch
 
 from peft_ds import PeftDsError
 from peft_ds.config import load_config

@@ -1,7 +1,6 @@
 """Over-smoothing diagnostic (SIBO Eq. 3) against a direct pairwise computation."""
 
 import json
-import os
 
 import pytest
 import torch

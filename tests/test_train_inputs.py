@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from launch import MATH, ROOT, losses, peft_ds, write_config
+from launch import ROOT, losses, peft_ds, write_config
 
 from peft_ds.cli import main
 from peft_ds.models import write_preset

@@ -73,7 +73,7 @@ def test_kill_and_resume_matches_uninterrupted(reference, tmp_path):
     assert tag in {f"step{s}" for s in (4, 6)}
     r = peft_ds("train", cfg, "--nproc", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from" in r.stdout
+    assert "resumed from" in r.stdout
     assert_same_run(tmp_path / "killed", reference)
 
 

@@ -24,7 +24,6 @@ class AdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.output_side = output_side
         d = base_layer.out_features if output_side else base_layer.in_features
-        self.branch_input_size = d
         device = base_layer.weight.device
         self.adapter_down = nn.Parameter(torch.empty(bottleneck_size, d, device=device).normal_(0.0, 0.02))
         self.adapter_up = nn.Parameter(torch.empty(d, bottleneck_size, device=device).normal_(0.0, 0.02))

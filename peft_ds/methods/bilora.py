@@ -47,10 +47,6 @@ class BiLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._initial_residual = initial_residual
 
-    @property
-    def branch_input_size(self) -> int:
-        return self.base_layer.in_features
-
     def lam(self) -> torch.Tensor:
         return singular_values(self.bilora_E, self.form)
 

@@ -30,10 +30,6 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._initial_residual = initial_residual
 
-    @property
-    def branch_input_size(self) -> int:
-        return self.base_layer.in_features
-
     def add_delta(self, result: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """result + s * B A z, with s applied to the r-wide intermediate and the addition fused into
         the last matmul (one pass less over the layer's output than PEFT's order of operations)."""
