@@ -93,3 +93,25 @@ def test_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "trainable 405,504 of" in r.stdout and "up_proj" in r.stdout
     assert "layer" in r.stdout and (tmp_path / "demo" / "smoothness.png").exists()
+
+
+def test_gptj_directory_with_hf_tokenizer_files(tmp_path):
+    """A GPT-J directory carries tokenizer.json (no sentencepiece model): AutoTokenizer, local files only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from peft_ds.data import tokenize_record
+
+    d = tmp_path / "gptj"
+    write_preset("tiny-gptj", str(d))
+    os.remove(d / "tokenizer.model")
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.train_from_iterator(["Below is an instruction that describes a task.", "The answer is 42."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(d)
+    model, tokenizer = load_model_dir(str(d))
+    assert type(tokenizer).__name__ != "SentencePieceTokenizer" and tokenizer.pad_token_id == 0
+    example = tokenize_record(tokenizer, {"instruction": "What is 6 x 7?", "input": "", "output": "The answer is 42."},
+                              cutoff_len=512, train_on_inputs=False)
+    assert example["input_ids"][-1] == tokenizer.eos_token_id and -100 in example["labels"]
