@@ -195,11 +195,8 @@ def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = 
 def load_model(name_or_dir: str, dtype=torch.float32):
     """A preset name or a local model directory: (model, tokenizer)."""
     if name_or_dir in PRESETS:
-        from .tokenizer import SentencePieceTokenizer
-
-        return build_preset(name_or_dir, dtype=dtype), SentencePieceTokenizer(TINY_TOKENIZER)
-    if not os.path.isdir(name_or_dir):
-        raise PeftDsError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+        return build_preset(name_or_dir, dtype=dtype), load_tokenizer_for(name_or_dir)
+    check_model_source(name_or_dir)
     return load_model_dir(name_or_dir, dtype=dtype)
 
 

@@ -126,10 +126,9 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def validation_loss(engine, val_set, micro, pad_id, rank, world):
-    """Token-weighted mean loss over the validation set, sharded over ranks. Every rank runs the same
-    number of forwards (ZeRO-3 gathers are collective): short shards repeat a batch with weight 0."""
-    batches = _batches(val_set, list(range(len(val_set))), micro, pad_id)
+def validation_loss(engine, batches, rank, world):
+    """Token-weighted mean loss over the validation batches, sharded over ranks. Every rank runs the
+    same number of forwards (ZeRO-3 gathers are collective): short shards repeat a batch with weight 0."""
     per_rank = -(-len(batches) // world)
     total = tokens = 0.0
     engine.eval()
@@ -253,6 +252,8 @@ def train(config: RunConfig) -> dict:
 
     pad_id, micro = run["tokenizer"].pad_token_id, t.micro_batch_size
     accumulation, train_set = run["accumulation"], run["train_set"]
+    val_batches = None if run["val_set"] is None else _batches(run["val_set"], list(range(len(run["val_set"]))),
+                                                               micro, pad_id)  # collated once, used at every eval
     bar = tqdm(total=run["total"], initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     metrics = open(metrics_path, "a") if is_main else None
     last_saved = start if run["resume"] else None
@@ -283,7 +284,7 @@ def train(config: RunConfig) -> dict:
             if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
                 raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")
             if run["val_set"] is not None and (done == run["total"] or (t.eval_every and done % t.eval_every == 0)):
-                row["val_loss"] = validation_loss(engine, run["val_set"], micro, pad_id, rank, world)
+                row["val_loss"] = validation_loss(engine, val_batches, rank, world)
             if is_main:
                 if done % t.log_every == 0 or "val_loss" in row or done == run["total"]:
                     metrics.write(json.dumps(row) + "\n")
