@@ -26,6 +26,7 @@ class ModelConfig:
 class DataConfig:
     train_file: str = "peft_ds/assets/math_sample.json"
     validation_file: str | None = None
+    upper_file: str | None = None  # BiLoRA's D2 (upper level); None: a seeded split of train_file (split_ratio)
     val_set_size: int = 120  # taken from the training file (seeded split) when no validation_file
     cutoff_len: int = 256
     train_on_inputs: bool = True  # LLM-Adapters default: the loss covers prompt and answer

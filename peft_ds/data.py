@@ -79,15 +79,10 @@ def collate(examples: list[dict], pad_id: int, multiple_of: int = 8) -> dict:
 def build_datasets(data_config, tokenizer, seed: int):
     """(train, validation or None) as tokenized `datasets.Dataset`s. Validation is the given file, or a
     seeded split of val_set_size records (train_test_split(shuffle=True, seed)), as LLM-Adapters."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    records = read_records(data_config.train_file)
-    train = datasets.Dataset.from_list([{k: str(r[k]) for k in FIELDS} for r in records])
+    train = _as_dataset(read_records(data_config.train_file))
     val = None
     if data_config.validation_file:
-        val = datasets.Dataset.from_list([{k: str(r[k]) for k in FIELDS}
-                                          for r in read_records(data_config.validation_file)])
+        val = _as_dataset(read_records(data_config.validation_file))
     elif data_config.val_set_size > 0:
         if data_config.val_set_size >= len(train):
             raise PeftDsError(
@@ -97,23 +92,36 @@ def build_datasets(data_config, tokenizer, seed: int):
         split = train.train_test_split(test_size=data_config.val_set_size, shuffle=True, seed=seed)
         train, val = split["train"], split["test"]
 
+    return (_tokenized(train, "training", data_config, tokenizer),
+            None if val is None else _tokenized(val, "validation", data_config, tokenizer))
+
+
+def build_upper_dataset(data_config, tokenizer):
+    """BiLoRA's D2 from data.upper_file, tokenized as the training set; None without that file."""
+    if not data_config.upper_file:
+        return None
+    return _tokenized(_as_dataset(read_records(data_config.upper_file)), "upper-level", data_config, tokenizer)
+
+
+def _as_dataset(records: list[dict]):
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.Dataset.from_list([{k: str(r[k]) for k in FIELDS} for r in records])
+
+
+def _tokenized(ds, name: str, data_config, tokenizer):
     def tokenize(record):
         return tokenize_record(tokenizer, record, data_config.cutoff_len, data_config.train_on_inputs)
 
     def has_target(example):  # a record whose answer lies beyond cutoff_len teaches nothing
         return any(label != IGNORE_INDEX for label in example["labels"][1:])
 
-    out = []
-    for name, ds in (("training", train), ("validation", val)):
-        if ds is None:
-            out.append(None)
-            continue
-        ds = ds.map(tokenize, remove_columns=ds.column_names).filter(has_target)
-        if len(ds) == 0:
-            raise PeftDsError(f"no {name} records left after tokenization (every answer lies beyond "
-                              f"data.cutoff_len {data_config.cutoff_len})")
-        out.append(ds)
-    return out[0], out[1]
+    ds = ds.map(tokenize, remove_columns=ds.column_names).filter(has_target)
+    if len(ds) == 0:
+        raise PeftDsError(f"no {name} records left after tokenization (every answer lies beyond "
+                          f"data.cutoff_len {data_config.cutoff_len})")
+    return ds
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .adapter_io import save_adapter
 from .config import RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
+from .objective import Feed, Objective
 
 # DeepSpeed still calls the collectives torch renamed; one warning per call would drown the progress bar.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -45,38 +46,35 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def micro_seed(seed: int, step: int, micro_index: int) -> int:
-    """Dropout seed of one micro-batch: a function of its place in the global batch, not of the rank,
-    so any world size (and a resumed run) draws the same masks."""
-    return (seed * 1_000_003 + step * 4099 + micro_index) % (2**63)
-
-
-class Objective:
-    """What a method adds to the loop: per-step set-up, the micro-batch loss, extra metrics, and state
-    that checkpoints carry. The plain methods need nothing beyond the model's loss."""
-
-    def begin_step(self, step: int) -> None:
-        pass
-
-    def loss(self, model, batch):
-        return model(**batch).loss
-
-    def metrics(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def objective_for(model, spec) -> Objective:
+def objective_for(model, spec, optimizer, scheduler, run) -> Objective:
     if spec.method.startswith("adamix"):
         from .methods.adamix import AdamixObjective
 
         return AdamixObjective(model.adamix_router, spec.consistency_weight)
+    if spec.method == "bilora":
+        from .bilevel import BilevelObjective
+
+        return BilevelObjective(model, spec, optimizer, scheduler, *run["levels"])
     return Objective()
+
+
+def make_optimizer(model, spec, t, total: int):
+    """AdamW over the adapter parameters (BiLoRA: one group per level, stepped in turn), and the lr
+    schedule over global steps (BiLoRA's T1 + T2 optimizer steps of a global step share its lr)."""
+    trainable = list(adapter_parameters(model).values())
+    sub_steps = 1
+    if spec.method == "bilora":
+        from .bilevel import LevelAdamW
+        from .methods.bilora import split_parameters
+
+        optimizer = LevelAdamW(*split_parameters(model), lr=t.lr, upper_lr=spec.upper_lr or t.lr,
+                               weight_decay=t.weight_decay)
+        sub_steps = spec.T1 + spec.T2
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    factor = lr_lambda(t.schedule, t.warmup_steps, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: factor(k // sub_steps))
+    return trainable, optimizer, scheduler
 
 
 def _existing_run(output_dir: str) -> bool:
@@ -85,17 +83,22 @@ def _existing_run(output_dir: str) -> bool:
 
 def prepare(config: RunConfig, world_size: int):
     """Every check that needs no process group, in order; returns what the run needs."""
-    if config.method.method == "bilora":
-        raise PeftDsError("method bilora: the module, its regularisers, fold() and the hypergradients exist "
-                          "(peft_ds.methods.bilora), but peft-ds train has no bi-level loop yet; a single-level run "
-                          "would silently train E on D1, so it is refused")
     accumulation = check_world_size(config, world_size)
     raw_ds = ds_config.load(config.deepspeed)
+    spec, t = config.method, config.train
+    if spec.method == "bilora":
+        from . import bilevel
+
+        bilevel.check(spec, ds_config.zero_stage(raw_ds), world_size)
     models.check_model_source(config.model.name_or_path)
     tokenizer = models.load_tokenizer_for(config.model.name_or_path)
-    train_set, val_set = data.build_datasets(config.data, tokenizer, config.train.seed)
-    t = config.train
+    train_set, val_set = data.build_datasets(config.data, tokenizer, t.seed)
     steps_per_epoch = len(train_set) // t.global_batch_size
+    levels = None
+    if spec.method == "bilora":  # an epoch is one pass over D1, T1 global batches per global step
+        upper_set = data.build_upper_dataset(config.data, tokenizer)
+        levels = bilevel.levels(train_set, upper_set, spec, t.seed, t.global_batch_size)
+        steps_per_epoch = len(levels[0]) // (t.global_batch_size * spec.T1)
     if steps_per_epoch == 0:
         raise PeftDsError(f"{len(train_set)} training records are fewer than one global batch ({t.global_batch_size})")
     total = t.max_steps if t.max_steps > 0 else max(1, round(t.epochs * steps_per_epoch))
@@ -114,7 +117,7 @@ def prepare(config: RunConfig, world_size: int):
                                  micro_batch_size=t.micro_batch_size, accumulation=accumulation,
                                  world_size=world_size, dtype=dtype)
     return dict(accumulation=accumulation, ds=resolved, dtype=dtype, tokenizer=tokenizer, train_set=train_set,
-                val_set=val_set, total=total, steps_per_epoch=steps_per_epoch, resume=resume)
+                val_set=val_set, levels=levels, total=total, steps_per_epoch=steps_per_epoch, resume=resume)
 
 
 def _batches(dataset, indices, micro, pad_id):
@@ -227,12 +230,10 @@ def train(config: RunConfig) -> dict:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    trainable = list(adapter_parameters(model).values())
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, run["total"]))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    trainable, optimizer, scheduler = make_optimizer(model, config.method, t, run["total"])
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=run["ds"])
-    objective = objective_for(model, config.method)
+    objective = objective_for(model, config.method, optimizer, scheduler, run)
     if is_main:
         print(format_report(trainable_report(model)), flush=True)
 
@@ -252,34 +253,32 @@ def train(config: RunConfig) -> dict:
 
     pad_id, micro = run["tokenizer"].pad_token_id, t.micro_batch_size
     accumulation, train_set = run["accumulation"], run["train_set"]
+    feed = Feed(rank=rank, world=world, accumulation=accumulation, micro=micro, global_batch=t.global_batch_size,
+                pad_id=pad_id, seed=t.seed, device=engine.device)
     val_batches = None if run["val_set"] is None else _batches(run["val_set"], list(range(len(run["val_set"]))),
                                                                micro, pad_id)  # collated once, used at every eval
     bar = tqdm(total=run["total"], initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     metrics = open(metrics_path, "a") if is_main else None
     last_saved = start if run["resume"] else None
+
+    def grad_check(k):  # every adapter parameter has a gradient after the first step's backward
+        if k == accumulation - 1:
+            with_grad, n_params = _grad_check(engine, model)
+            if with_grad != n_params:
+                raise RuntimeError(f"only {with_grad} of {n_params} adapter parameters received a gradient")
+            if is_main:
+                metrics.write(json.dumps({"step": 0, "grad_check": [with_grad, n_params]}) + "\n")
+
     try:
         for step in range(start, run["total"]):
             began = time.perf_counter()
             objective.begin_step(step)
-            indices = data.global_batch_indices(len(train_set), t.global_batch_size, t.seed, step)
-            mine = indices[rank * accumulation * micro:(rank + 1) * accumulation * micro]
-            loss_sum = tokens = 0.0
-            for k, batch in enumerate(_batches(train_set, mine, micro, pad_id)):
-                torch.manual_seed(micro_seed(t.seed, step, rank * accumulation + k))
-                loss = objective.loss(engine, _to(batch, engine.device))
-                engine.backward(loss)
-                if step == start and k == accumulation - 1 and not run["resume"]:
-                    with_grad, n_params = _grad_check(engine, model)
-                    if with_grad != n_params:
-                        raise RuntimeError(f"only {with_grad} of {n_params} adapter parameters received a gradient")
-                    if is_main:
-                        metrics.write(json.dumps({"step": 0, "grad_check": [with_grad, n_params]}) + "\n")
-                engine.step()
-                loss_sum += loss.item()
-                tokens += float(batch["attention_mask"].sum())
-            loss_sum, tokens, asked = distributed.all_reduce_sum([loss_sum, tokens, float(stop["asked"])])
+            stats = objective.train_step(engine, feed, train_set, step,
+                                         grad_check if step == start and not run["resume"] else None)
+            loss_sum, losses, tokens, asked = distributed.all_reduce_sum(
+                [stats["loss_sum"], stats["losses"], stats["tokens"], float(stop["asked"])])
             done = step + 1
-            row = {"step": done, "loss": loss_sum / (accumulation * world), "lr": scheduler.get_last_lr()[0],
+            row = {"step": done, "loss": loss_sum / losses, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens / (time.perf_counter() - began), **objective.metrics()}
             if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
                 raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")
@@ -310,12 +309,16 @@ def train(config: RunConfig) -> dict:
     summary = {"steps": run["total"], "checkpoint": os.path.join(ckpt_root, f"step{run['total']}"),
                "adapter": os.path.join(out, "adapter"), "loss_plot": os.path.join(out, "loss.png"),
                "metrics": metrics_path}
+    extra_outputs = objective.write_outputs(out, is_main)  # collective (BiLoRA gathers lam)
+    summary.update(extra_outputs)
     if is_main:
         save_adapter(engine.module, summary["adapter"], base_model=config.model.name_or_path, state=state,
                      extra={"source": "peft-ds train", "world_size": world, "step": run["total"]})
         plot_losses(metrics_path, summary["loss_plot"])
         print(f"checkpoint: {summary['checkpoint']}\nadapter:    {summary['adapter']}\n"
               f"loss plot:  {summary['loss_plot']}\nmetrics:    {metrics_path}", flush=True)
+        for name, path in extra_outputs.items():
+            print(f"{name + ':':11s} {path}", flush=True)
     distributed.barrier()
     model.hf_deepspeed_config = None
     return summary

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..objective import Objective
 from .adapter import AdapterLinear
 from .lora import LoraLinear
 from .sibo import InitialResidual
@@ -232,7 +233,7 @@ def attach_router(model: nn.Module, base_model: nn.Module, router: Router) -> No
     base_model.register_forward_pre_hook(_draw_hook, with_kwargs=True)
 
 
-class AdamixObjective:
+class AdamixObjective(Objective):
     """The training loop's AdaMix hooks: one route per optimizer step for every micro-batch on every
     rank (so any world size trains alike; AdaMix's code draws per forward, the same thing without
     gradient accumulation), the consistency loss, and the route generator's state for checkpoints."""

@@ -70,25 +70,34 @@ def modules(model: nn.Module) -> list[BiLoraLinear]:
     return [m for m in model.modules() if isinstance(m, BiLoraLinear)]
 
 
-def orthogonality(model: nn.Module) -> torch.Tensor:
-    """R1 = sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2 over the BiLoRA modules."""
-    total = 0.0
-    for m in modules(model):
-        P, Q = m.bilora_P.float(), m.bilora_Q.float()
+def orthogonality_of(*pairs: torch.Tensor) -> torch.Tensor:
+    """R1 = sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2, for P_1, Q_1, P_2, Q_2, ..."""
+    total = torch.zeros(())
+    for P, Q in zip(pairs[0::2], pairs[1::2]):
+        P, Q = P.float(), Q.float()
         eye = torch.eye(P.shape[1], device=P.device)
         total = total + ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
-    return torch.as_tensor(total)
+    return total
+
+
+def entropy_of(*Es: torch.Tensor) -> torch.Tensor:
+    """H(lam) = -sum [lam log lam + (1 - lam) log(1 - lam)], lam = sigmoid(E) (the binary form). SPEC 2.5:
+    the paper's printed R2 is minus this; minimising H pushes lam to 0 or 1, the paper's stated intent."""
+    total = torch.zeros(())
+    for E in Es:
+        lam = singular_values(E.float(), "binary").clamp(1e-6, 1 - 1e-6)
+        total = total - (lam * lam.log() + (1 - lam) * (1 - lam).log()).sum()
+    return total
+
+
+def orthogonality(model: nn.Module) -> torch.Tensor:
+    """R1 over the model's BiLoRA modules."""
+    return orthogonality_of(*[p for m in modules(model) for p in (m.bilora_P, m.bilora_Q)])
 
 
 def entropy(model: nn.Module) -> torch.Tensor:
-    """H(lam) = -sum [lam log lam + (1 - lam) log(1 - lam)] over the binary-form modules. SPEC 2.5:
-    the paper's printed R2 is minus this; minimising H pushes lam to 0 or 1, the paper's stated intent."""
-    total = 0.0
-    for m in modules(model):
-        if m.form == "binary":
-            lam = m.lam().float().clamp(1e-6, 1 - 1e-6)
-            total = total - (lam * lam.log() + (1 - lam) * (1 - lam).log()).sum()
-    return torch.as_tensor(total)
+    """H(lam) over the model's binary-form BiLoRA modules (0 for the other forms)."""
+    return entropy_of(*[m.bilora_E for m in modules(model) if m.form == "binary"])
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -144,13 +153,17 @@ def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bo
     return [gi + xi * (gm - gp) / (2 * eps) for gi, gp, gm in zip(g, g_plus, g_minus)]
 
 
-def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float):
-    """d L2(V_T(E), E) / dE through T unrolled SGD steps V_{t+1} = V_t - lr dL1_t/dV (create_graph):
-    for small models and tests; it holds every step's graph."""
+def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float, start=None):
+    """d L2(V_T(E), E) / dE through T unrolled SGD steps V_{t+1} = V_t - lr dL1_t/dV (create_graph),
+    from V_0 = the lower parameters' values or `start`: for small models and tests; it holds every
+    step's graph."""
     from torch.func import functional_call
 
     names = {id(p): n for n, p in model.named_parameters()}
-    params = {names[id(p)]: p for p in lower}
+    if start is None:
+        params = {names[id(p)]: p for p in lower}
+    else:
+        params = {names[id(p)]: s.detach().clone().requires_grad_(True) for p, s in zip(lower, start)}
     for loss_fn in lower_loss_fns:
         loss = loss_fn(lambda *a, **k: functional_call(model, params, a, k))
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
