@@ -223,8 +223,11 @@ class BilevelObjective(Objective):
                 return total / len(feed_step.batches)
             return loss
 
-        grads = bilora.exact_hypergradient(model, self.lower, self.upper, [mean_loss(b) for b in lower_batches],
-                                           mean_loss(d2_step), lr, start=start)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
+            grads = bilora.exact_hypergradient(model, self.lower, self.upper, [mean_loss(b) for b in lower_batches],
+                                               mean_loss(d2_step), lr, start=start)
         for p, g in zip(self.upper, grads):
             p.grad = g.detach().clone()
         with torch.no_grad():

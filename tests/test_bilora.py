@@ -172,12 +172,28 @@ def test_bad_settings(fields, message):
         peft_ds.apply_peft(tiny("tiny-llama"), PeftSpec(method="bilora", **fields))
 
 
-def test_training_is_refused_until_the_bilevel_loop_exists(tmp_path):
+@pytest.mark.parametrize("overrides,message", [
+    (["method.hypergradient=exact"], "hypergradient exact .* needs it unsharded; ZeRO-3 shards it"),
+    (["method.hypergradient=exact", "deepspeed=ds_configs/no_zero_cpu.json"], "exact runs on 1 rank only"),
+    (["deepspeed=ds_configs/zero2_bf16.json"], "method bilora trains under ZeRO stage 3"),
+    (["method.split_ratio=0.999"], r"D2 \(upper level\) holds 3 records, fewer than one global batch \(16\)"),
+])
+def test_bad_training_settings_fail_before_any_work(tmp_path, overrides, message):
     from peft_ds.config import load_config
     from peft_ds.train import prepare
 
-    with pytest.raises(PeftDsError, match="no bi-level loop yet"):
-        prepare(load_config(None, ["method.method=bilora", f"output_dir={tmp_path}/out"]), 1)
+    config = load_config(None, ["method.method=bilora", f"output_dir={tmp_path}/out", *overrides])
+    world = 2 if "exact runs on 1 rank" in message else 1
+    with pytest.raises(PeftDsError, match=message):
+        prepare(config, world)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_from_the_command_line(tmp_path):
+    from launch import peft_ds as cli
+
+    r = cli("train", "configs/llama7b_bilora.yaml", "--set", "method.method=bilora", "--set", "method.T1=0", "--set", f"output_dir={tmp_path}/o")
+    assert r.returncode == 2 and "T1 must be an integer >= 1" in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_d1_d2_split_is_seeded_disjoint_and_8_to_2():
