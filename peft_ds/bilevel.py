@@ -293,7 +293,8 @@ def plot_lam(lam: dict[str, list[float]], form: str, png_path: str) -> None:
                 alpha=0.6, lw=1)
     ax.set_xlabel("rank index (sorted)")
     ax.set_ylabel(f"lam ({form})")
-    ax.set_title(f"BiLoRA pseudo singular values, {len(lam)} modules (dark: first layer, light: last)")
+    ax.set_title(f"BiLoRA pseudo singular values of {len(lam)} modules\n(colour: depth, dark = first layer)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
