@@ -46,6 +46,8 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
         with open(latest) as f:
             tag = f.read().strip()
     tag_dir = os.path.join(root, tag)
+    if not os.path.isdir(tag_dir):
+        raise PeftDsError(f"there is no checkpoint {tag} in {root}")
     meta_path = os.path.join(tag_dir, META)
     if not os.path.isfile(meta_path):
         raise PeftDsError(f"checkpoint {tag_dir} is incomplete: {META} is missing")
@@ -61,13 +63,24 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
     return tag, meta
 
 
-def save(engine, root: str, step: int, meta: dict, objective_state: dict | None = None) -> str:
+def run_meta(model, config, world_size: int, zero_stage: int) -> dict:
+    """What every checkpoint of a run records beside DeepSpeed's files: enough to consolidate it alone
+    (the resolved PeftSpec, the base model and its signature) and to refuse a mismatched resume."""
+    from .adapter_io import base_description
+
+    return {"world_size": world_size, "zero_stage": zero_stage, "method": model.peft_spec.method,
+            "peft_spec": model.peft_spec.to_dict(), "base_model": config.model.name_or_path,
+            "base": base_description(model), "config": config.to_dict()}
+
+
+def save(engine, root: str, step: int, meta: dict, objective_state: dict | None = None,
+         save_frozen: bool = False) -> str:
     """Collective: every rank writes its files; rank 0 then writes the meta file and moves `latest`."""
     from .distributed import barrier
 
     tag = f"step{step}"
     engine.save_checkpoint(root, tag=tag, client_state={"step": step, "objective": objective_state or {}},
-                           save_latest=False, exclude_frozen_parameters=True)
+                           save_latest=False, exclude_frozen_parameters=not save_frozen)
     barrier()
     if torch.distributed.get_rank() == 0:
         tag_dir = os.path.join(root, tag)

@@ -131,6 +131,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from .consolidate import consolidate
+
+    summary = consolidate(args.checkpoint_dir, args.out, tag=args.tag, fmt=args.format,
+                          merge_into_base=args.merge_into_base, dtype=args.dtype, keep_experts=args.keep_experts,
+                          fold=args.fold, force=args.force, progress=not args.quiet)
+    notes = "".join(f"; {n}" for n in summary["notes"])
+    skipped = "; frozen backbone fragments left unread" if summary["frozen_fragments_skipped"] else ""
+    print(f"consolidated {summary['tensors']} tensors, {summary['bytes'] / 2**20:.2f} MiB ({args.dtype}) from "
+          f"{summary['tag']} of {summary['world_size']} rank(s) in {summary['seconds']:.2f} s -> {summary['out']} "
+          f"({summary['format']}, {summary['method']}{notes}{skipped})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-ds", description=__doc__.split("\n")[0] + " "
                                      "Parameter-efficient adapters on frozen LLaMA / GPT-J under DeepSpeed ZeRO-3.")
@@ -155,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--nproc", type=int, default=0, help="start this many local ranks with torchrun")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("consolidate", help="a ZeRO-3 checkpoint (any world size) -> one adapter file, a PEFT "
+                       "adapter, or a merged model", description="Rebuild every adapter tensor from the fp32 "
+                       "partitions of a ZeRO-3 checkpoint written by peft-ds train (never reading backbone bytes) "
+                       "and write one adapter. Needs no GPU and no process group.")
+    p.add_argument("checkpoint_dir", help="a run's output_dir, its checkpoints/ directory, or one tag directory")
+    p.add_argument("--out", required=True, help="output directory (written whole, by one rename, when complete)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step80 (default: the one 'latest' names)")
+    p.add_argument("--format", default="native", choices=["native", "peft"],
+                   help="native: adapter.safetensors + adapter_config.json for peft_ds.load_adapter (every method); "
+                   "peft: Hugging Face PEFT adapter (LoRA, merged AdaMix-LoRA, folded BiLoRA; no SIBO)")
+    p.add_argument("--merge-into-base", metavar="BASE_DIR", default=None,
+                   help="write a full HF model directory: BASE_DIR's weights with the LoRA delta s*B*A merged in "
+                   "(LoRA family, no SIBO), one shard in memory at a time")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="adapter tensor dtype (default fp32); merged weights keep the base model's dtype")
+    p.add_argument("--keep-experts", action="store_true", help="AdaMix: keep every expert (default: average them)")
+    p.add_argument("--fold", action="store_true", help="BiLoRA: fold into plain LoRA, B' = P diag(lam), A' = Q "
+                   "(always done for --format peft and --merge-into-base)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (only once the new one is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("preset", help="write a tiny preset as a local Hugging Face model directory")
     p.add_argument("name", help="tiny-llama or tiny-gptj")

@@ -48,6 +48,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: bool | str = False  # false | true (must resume) | auto (resume when a complete checkpoint exists)
     log_every: int = 1
+    # DeepSpeed's default, off here: every rank's shard of the frozen backbone in each checkpoint
+    # (self-contained checkpoints, backbone-sized files); consolidation never reads those bytes
+    save_frozen_params: bool = False
 
 
 @dataclass

@@ -243,8 +243,7 @@ def train(config: RunConfig) -> dict:
         if is_main:
             _truncate_metrics(metrics_path, start)
             print(f"resumed from {ckpt_root} at step {start}", flush=True)
-    meta = {"world_size": world, "zero_stage": ds_config.zero_stage(run["ds"]), "method": config.method.method,
-            "config": config.to_dict()}
+    meta = checkpoint.run_meta(model, config, world, ds_config.zero_stage(run["ds"]))
 
     # ---- signals: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary ---------------
     stop = {"asked": False}
@@ -291,7 +290,7 @@ def train(config: RunConfig) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
             if done == run["total"] or asked or (t.save_every and done % t.save_every == 0):
-                checkpoint.save(engine, ckpt_root, done, meta, objective.state_dict())
+                checkpoint.save(engine, ckpt_root, done, meta, objective.state_dict(), t.save_frozen_params)
                 last_saved = done
             if asked:
                 raise Preempted()
@@ -304,7 +303,7 @@ def train(config: RunConfig) -> dict:
 
     # ---- outputs: the fp32 adapter, the loss curve ------------------------------------------------
     if last_saved != run["total"]:
-        checkpoint.save(engine, ckpt_root, run["total"], meta, objective.state_dict())
+        checkpoint.save(engine, ckpt_root, run["total"], meta, objective.state_dict(), t.save_frozen_params)
     state = fp32_adapter_state(engine.module)
     summary = {"steps": run["total"], "checkpoint": os.path.join(ckpt_root, f"step{run['total']}"),
                "adapter": os.path.join(out, "adapter"), "loss_plot": os.path.join(out, "loss.png"),

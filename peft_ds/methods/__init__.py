@@ -6,9 +6,15 @@ from .bilora import BiLoraLinear
 from .lora import LoraLinear
 from .sibo import InitialResidual
 
-# Names of every adapter parameter, as they end a state-dict key (an index follows for expert lists).
-ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "adapter_down", "adapter_up", "sibo_theta", "bilora_P", "bilora_E",
-                           "bilora_Q")
+# The parameters of each method, as they end a state-dict key (an expert index follows in a mixture),
+# and the axis of each that has the method's width (r, or the adapter's bottleneck).
+METHOD_PARAMETERS = {"lora": ("lora_A", "lora_B"), "adamix_lora": ("lora_A", "lora_B"),
+                     "adapter": ("adapter_down", "adapter_up"), "adamix_adapter": ("adapter_down", "adapter_up"),
+                     "bilora": ("bilora_P", "bilora_E", "bilora_Q")}
+WIDTH_AXIS = {"lora_A": 0, "lora_B": 1, "adapter_down": 0, "adapter_up": 1, "bilora_P": 1, "bilora_E": 0,
+              "bilora_Q": 0}
+SIBO_PARAMETER = "sibo_theta"  # learnable SIBO: one per decoder layer
+ADAPTER_PARAMETER_NAMES = tuple(WIDTH_AXIS) + (SIBO_PARAMETER,)
 PEFT_LAYERS = (LoraLinear, AdapterLinear, BiLoraLinear)  # the AdaMix mixtures are subclasses
 
 
@@ -18,4 +24,5 @@ def method_name(module) -> str:
 
 __all__ = ["AdapterLinear", "LoraLinear", "AdamixLoraLinear", "AdamixAdapterLinear", "BiLoraLinear", "InitialResidual",
            "Router",
-           "ADAPTER_PARAMETER_NAMES", "PEFT_LAYERS", "method_name"]
+           "ADAPTER_PARAMETER_NAMES", "METHOD_PARAMETERS", "WIDTH_AXIS", "SIBO_PARAMETER", "PEFT_LAYERS",
+           "method_name"]

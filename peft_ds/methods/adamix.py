@@ -171,9 +171,25 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, MIXTURES):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.merged())
-    spec = model.peft_spec
-    model.peft_spec = dataclasses.replace(spec, method=spec.method.removeprefix("adamix_"))
+    model.peft_spec = merged_spec(model.peft_spec)
     return model
+
+
+def merged_spec(spec):
+    return dataclasses.replace(spec, method=spec.method.removeprefix("adamix_"))
+
+
+def merge_state(state: dict) -> dict:
+    """`merge` on an adapter state dict: every expert set `X.N` (N = 0..M-1) becomes its mean `X`."""
+    groups = {}
+    for name, value in state.items():
+        stem, _, index = name.rpartition(".")
+        if index.isdigit():
+            groups.setdefault(stem, {})[int(index)] = value
+        else:
+            groups[name] = value
+    return {stem: value if isinstance(value, torch.Tensor) else expert(stacked([value[i] for i in sorted(value)]), None)
+            for stem, value in groups.items()}
 
 
 # ---- consistency regularisation -----------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from .sibo import InitialResidual, branch_input
+
+# LLM-Adapters takes f from transformers' ACT2FN; these are the same functions (gelu: the exact erf
+# form), without importing transformers into every tool that reads adapters.
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class AdapterLinear(nn.Module):
@@ -28,7 +31,7 @@ class AdapterLinear(nn.Module):
         self.adapter_down = nn.Parameter(torch.empty(bottleneck_size, d, device=device).normal_(0.0, 0.02))
         self.adapter_up = nn.Parameter(torch.empty(d, bottleneck_size, device=device).normal_(0.0, 0.02))
         self.non_linearity = non_linearity
-        self.activation = ACT2FN[non_linearity]
+        self.activation = ACTIVATIONS[non_linearity]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
         self._initial_residual = initial_residual

@@ -11,6 +11,8 @@ Hypergradients for E (`hypergradient`): `darts` (Betty's finite-difference form,
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,13 +59,19 @@ class BiLoraLinear(nn.Module):
         return result + F.linear(h, self.bilora_P).to(result.dtype)
 
     def fold(self) -> LoraLinear:
-        """A plain LoRA with identical outputs: B' = P diag(lam), A' = Q, same r and alpha."""
+        """A plain LoRA with identical outputs (`folded_weights`), same r and alpha."""
         plain = LoraLinear(self.base_layer, self.r, self.alpha, 0.0, self._initial_residual)
         plain.dropout = self.dropout
         with torch.no_grad():
-            plain.lora_A.copy_(self.bilora_Q)
-            plain.lora_B.copy_(self.bilora_P * self.lam())
+            lora_A, lora_B = folded_weights(self.bilora_P, self.bilora_E, self.bilora_Q, self.form)
+            plain.lora_A.copy_(lora_A)
+            plain.lora_B.copy_(lora_B)
         return plain.train(self.training)
+
+
+def folded_weights(P: torch.Tensor, E: torch.Tensor, Q: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 2.5 export: (A', B') = (Q, P diag(lam(E)))."""
+    return Q, P * singular_values(E, form)
 
 
 def modules(model: nn.Module) -> list[BiLoraLinear]:
@@ -111,14 +119,31 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def fold(model: nn.Module) -> nn.Module:
     """Replace every BiLoRA module by its folded plain LoRA, in place."""
-    import dataclasses
-
     for name, module in list(model.named_modules()):
         if isinstance(module, BiLoraLinear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.fold())
-    model.peft_spec = dataclasses.replace(model.peft_spec, method="lora")
+    model.peft_spec = folded_spec(model.peft_spec)
     return model
+
+
+def folded_spec(spec):
+    return dataclasses.replace(spec, method="lora")
+
+
+def fold_state(state: dict, form: str) -> dict:
+    """`fold` on an adapter state dict: every `X.bilora_P/E/Q` becomes `X.lora_A/B`; other keys kept."""
+    out = {}
+    for name, value in state.items():
+        prefix, _, kind = name.rpartition(".")
+        if kind == UPPER or kind == "bilora_Q":
+            continue
+        if kind == "bilora_P":
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = folded_weights(
+                value, state[f"{prefix}.{UPPER}"], state[f"{prefix}.bilora_Q"], form)
+        else:
+            out[name] = value
+    return out
 
 
 # ---- hypergradients of the upper loss with respect to E (SPEC 2.5) ------------------------------

@@ -11,6 +11,11 @@ from torch import nn
 from .sibo import InitialResidual, branch_input
 
 
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """dW = s * B A (LoRA Eq. 3): what merging adds to the frozen weight."""
+    return (lora_B.float() @ lora_A.float()) * scaling
+
+
 class LoraLinear(nn.Module):
     """Wraps a frozen nn.Linear:  y = W x + s * B A dropout(x~),  s = alpha / r  (LoRA Eq. 3).
 

@@ -1,0 +1,424 @@
+"""`peft-ds consolidate` (SPEC 4): a ZeRO-3 checkpoint of any world size -> one adapter.
+
+Per rank it reads the `param_shapes` of the model-states file and the `fp32_flat_groups` of the
+optimizer-states file, both memory-mapped and unpickled with `weights_only=True` (the Adam moments and
+any frozen backbone fragments stay on disk, unread). Each adapter tensor is stitched as DeepSpeed lays
+it out: padded to a multiple of the world size ws, rank r holding elements [r p, (r + 1) p) with
+p = ceil(n / ws), the parameters back to back in each rank's flat groups (in `param_shapes` order,
+sub-groups concatenated). Outputs: the native adapter, the Hugging Face PEFT adapter, or a base model
+directory with the LoRA delta merged into a copy of its weights, streamed one shard at a time.
+Every check runs before anything is written; the output appears by one rename when complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from . import adapter_io, architectures, checkpoint
+from .errors import PeftDsError, read_json
+from .methods import METHOD_PARAMETERS, SIBO_PARAMETER, WIDTH_AXIS
+from .spec import ADAPTER_FAMILY, PeftSpec
+from .version import __version__
+
+FORMATS = ("native", "peft")
+
+
+class _Opaque:
+    """A DeepSpeed object inside a checkpoint (a loss scaler), kept as its attribute dict."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def _enum_value(value):
+    return value
+
+
+# The non-tensor globals of a ZeRO-3 optimizer-states file, mapped to harmless stand-ins so the files
+# unpickle with weights_only=True and without importing DeepSpeed.
+_SAFE_GLOBALS = [(_enum_value, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+                 (_Opaque, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+                 (_Opaque, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")]
+
+
+def _load(path: str) -> dict:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()
+        reason = next((line for line in reason if "Unsupported global" in line), reason[0] if reason else "")
+        raise PeftDsError(f"cannot read {path}: {reason.strip()}") from None
+
+
+@dataclass
+class ZeroCheckpoint:
+    tag_dir: str
+    tag: str
+    meta: dict
+    spec: PeftSpec  # as trained (resolved targets)
+    world_size: int
+    shapes: "OrderedDict[str, torch.Size]"  # every adapter parameter, in DeepSpeed's flat order
+    flat: list  # per rank: its fp32 flat groups (memory-mapped)
+    frozen_fragments: bool  # the model-states files carry the frozen backbone's shards (left unread)
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+
+def resolve_root(path: str) -> tuple[str, str | None]:
+    """(checkpoints root, tag named by the path) for a run directory, its `checkpoints/`, or a tag directory."""
+    if not os.path.isdir(path):
+        raise PeftDsError(f"checkpoint directory {path} does not exist")
+    if os.path.isfile(os.path.join(path, checkpoint.META)):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
+
+
+def _spec_of(meta: dict, where: str) -> PeftSpec:
+    if "peft_spec" in meta:
+        return PeftSpec.from_dict(meta["peft_spec"]).validate()
+    if "config" not in meta or "method" not in meta["config"]:
+        raise PeftDsError(f"{where}: the checkpoint meta has neither peft_spec nor config.method")
+    from . import models
+
+    spec = PeftSpec.from_dict(meta["config"]["method"]).validate()
+    if spec.target_modules is None:  # written before metas carried the resolved spec
+        model_type = models.check_model_source(meta["config"]["model"]["name_or_path"])
+        arch = architectures.ARCHITECTURES[model_type]
+        spec = dataclasses.replace(spec, target_modules=list(architectures.default_targets(arch, spec.method)))
+    return spec
+
+
+def _checkpoint_method(names) -> str:
+    """The method whose parameters a checkpoint holds (AdaMix: expert-indexed names)."""
+    kinds, indexed = set(), False
+    for name in names:
+        stem, _, last = name.rpartition(".")
+        if last.isdigit():
+            indexed, last = True, stem.rpartition(".")[2]
+        kinds.add(last)
+    kinds.discard(SIBO_PARAMETER)
+    for method, params in METHOD_PARAMETERS.items():
+        if kinds and kinds <= set(params) and indexed == method.startswith("adamix"):
+            return method
+    return "+".join(sorted(kinds)) or "none"
+
+
+def _check_against_spec(shapes: dict, spec: PeftSpec, where: str) -> None:
+    """The parameters are those of the config's method, at its width, on its targets."""
+    found = _checkpoint_method(shapes)
+    plain = spec.method.removeprefix("adamix_")
+    if found != spec.method and not (found == plain and spec.num_experts == 1):
+        raise PeftDsError(f"{where} holds {found} parameters, but its config says method {spec.method}")
+    width = spec.bottleneck_size if spec.method in ADAPTER_FAMILY else spec.r
+    experts = {}
+    for name, shape in shapes.items():
+        stem, _, last = name.rpartition(".")
+        if last.isdigit():
+            experts[stem] = max(experts.get(stem, 0), int(last) + 1)
+            stem, _, last = stem.rpartition(".")
+        if last == SIBO_PARAMETER:
+            if not spec.sibo_learnable:
+                raise PeftDsError(f"{where} holds a learnable SIBO lambda ({name}), but its config has "
+                                  f"sibo_learnable false")
+            continue
+        if not architectures.matches(stem, spec.target_modules):
+            raise PeftDsError(f"{where}: tensor {name} adapts a module not among the config's target_modules "
+                              f"({', '.join(spec.target_modules)})")
+        axis = WIDTH_AXIS[last]
+        if len(shape) <= axis or shape[axis] != width:
+            raise PeftDsError(f"{where}: tensor {name} has shape {tuple(shape)}, but the config's "
+                              f"{'bottleneck_size' if spec.method in ADAPTER_FAMILY else 'r'} is {width}")
+    for stem, count in experts.items():
+        if count != spec.num_experts:
+            raise PeftDsError(f"{where}: {stem} has {count} experts, the config says num_experts {spec.num_experts}")
+
+
+def open_checkpoint(path: str, tag: str | None = None) -> ZeroCheckpoint:
+    """Every rank file of the tag read (memory-mapped) and checked against the others and the meta."""
+    root, named = resolve_root(path)
+    if tag is not None and named is not None and tag != named:
+        raise PeftDsError(f"{path} is the checkpoint {named}, but --tag asks for {tag}")
+    tag, meta = checkpoint.find_checkpoint(root, tag or named)
+    tag_dir = os.path.join(root, tag)
+    if meta.get("zero_stage") != 3:
+        raise PeftDsError(f"{tag_dir} is a ZeRO-{meta.get('zero_stage')} checkpoint; consolidate reads ZeRO-3 "
+                          f"checkpoints (other stages hold the adapter unpartitioned)")
+    ws = meta["world_size"]
+    files = checkpoint.rank_files(tag_dir, ws)
+    model_files, optim_files = files[:ws], files[ws:]
+    shapes, flat, frozen = None, [], False
+    for rank, (model_file, optim_file) in enumerate(zip(model_files, optim_files)):
+        states = _load(model_file)
+        name = os.path.basename(model_file)
+        if states.get("dp_world_size", ws) != ws:
+            raise PeftDsError(f"{tag_dir}: {name} was written by a run of {states['dp_world_size']} ranks, the "
+                              f"checkpoint meta says {ws}")
+        if "step" in states and states["step"] != meta.get("step", states["step"]):
+            raise PeftDsError(f"{tag_dir}: {name} belongs to step {states['step']}, the checkpoint is step "
+                              f"{meta['step']} (rank files of different saves are mixed)")
+        rank_shapes = OrderedDict((k, torch.Size(v)) for group in states["param_shapes"] for k, v in group.items())
+        if shapes is None:
+            shapes = rank_shapes
+        elif rank_shapes != shapes:
+            raise PeftDsError(f"{tag_dir}: {name} lists other parameters or shapes than rank 0 (rank files of "
+                              f"different runs are mixed)")
+        frozen = frozen or bool(states.get("frozen_param_fragments"))
+        optim = _load(optim_file).get("optimizer_state_dict", {})
+        if optim.get("partition_count", ws) != ws:
+            raise PeftDsError(f"{tag_dir}: {os.path.basename(optim_file)} is a partition of {optim['partition_count']} "
+                              f"ranks, the checkpoint meta says {ws}")
+        if "fp32_flat_groups" not in optim:
+            raise PeftDsError(f"{tag_dir}: {os.path.basename(optim_file)} has no fp32 partitions (not a ZeRO-3 "
+                              f"optimizer state)")
+        groups = list(optim["fp32_flat_groups"])
+        expected = sum(math.ceil(math.prod(s) / ws) for s in shapes.values())
+        held = sum(g.numel() for g in groups)
+        if held != expected:
+            raise PeftDsError(f"{tag_dir}: rank {rank} holds {held} fp32 elements, the parameter shapes need "
+                              f"{expected} at world size {ws} (world-size or shape mismatch)")
+        flat.append(groups)
+    spec = _spec_of(meta, tag_dir)
+    for said in (meta.get("method"), meta.get("config", {}).get("method", {}).get("method")):
+        if said not in (None, spec.method):
+            raise PeftDsError(f"{tag_dir}: the checkpoint meta names method {said} and {spec.method}")
+    _check_against_spec(shapes, spec, tag_dir)
+    return ZeroCheckpoint(tag_dir, tag, meta, spec, ws, shapes, flat, frozen)
+
+
+def _stitch(groups: list, offset: int, count: int) -> torch.Tensor:
+    """Elements [offset, offset + count) of one rank's flat groups taken as one vector."""
+    parts, start = [], 0
+    for group in groups:
+        end = start + group.numel()
+        if offset < end and offset + count > start:
+            parts.append(group[max(offset, start) - start:min(offset + count, end) - start])
+        start = end
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def tensors(ckpt: ZeroCheckpoint):
+    """(name, full fp32 tensor) of every adapter parameter, one at a time, in the checkpoint's order."""
+    offset = 0
+    for name, shape in ckpt.shapes.items():
+        numel = math.prod(shape)
+        part = math.ceil(numel / ckpt.world_size)
+        full = torch.cat([_stitch(groups, offset, part) for groups in ckpt.flat])
+        yield name, full[:numel].view(shape).clone()
+        offset += part
+
+
+def read_state(path: str, tag: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """The fp32 adapter state dict of a ZeRO-3 checkpoint, as trained (no merge, no fold)."""
+    return OrderedDict(tensors(open_checkpoint(path, tag)))
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    fmt: str
+    merge_into_base: str | None
+    dtype: str
+    keep_experts: bool
+    fold: bool
+
+
+def _transform(state: dict, spec: PeftSpec, plan: Plan) -> tuple[dict, PeftSpec, list[str]]:
+    """AdaMix experts averaged unless kept; BiLoRA folded on request (and for PEFT or a merge)."""
+    from .methods import adamix, bilora
+
+    notes = []
+    if spec.method.startswith("adamix") and not plan.keep_experts:
+        state, spec = adamix.merge_state(state), adamix.merged_spec(spec)
+        notes.append("AdaMix experts averaged")
+    if spec.method == "bilora" and (plan.fold or plan.fmt == "peft" or plan.merge_into_base):
+        state, spec = bilora.fold_state(state, spec.singular_values), bilora.folded_spec(spec)
+        notes.append("BiLoRA folded into LoRA")
+    return state, spec, notes
+
+
+def _output_spec(spec: PeftSpec, plan: Plan) -> PeftSpec:
+    """The spec `_transform` will produce, known before any tensor is read."""
+    from .methods import adamix, bilora
+
+    if spec.method.startswith("adamix") and not plan.keep_experts:
+        spec = adamix.merged_spec(spec)
+    if spec.method == "bilora" and (plan.fold or plan.fmt == "peft" or plan.merge_into_base):
+        spec = bilora.folded_spec(spec)
+    return spec
+
+
+def _base_shards(base_dir: str) -> list[str]:
+    index = os.path.join(base_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return sorted(set(read_json(index, "weights index")["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
+    """The merge is defined (a LoRA delta, no SIBO) and every target weight is in the base, of the
+    adapter's shape; read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    from .models import check_model_dir
+
+    if spec.method != "lora":
+        raise PeftDsError(f"--merge-into-base needs a LoRA-family adapter; {spec.method} is not a linear delta of the "
+                          f"base weights (use --format native and peft_ds.load_adapter)")
+    if spec.sibo:
+        raise PeftDsError("--merge-into-base: LoRA-SIBO cannot be merged into W (its lambda s B A h0 term needs h0, "
+                          "SPEC 2.3); use --format native and peft_ds.load_adapter")
+    config = check_model_dir(base_dir)
+    expected = ckpt.meta.get("base")
+    if expected and adapter_io.signature(config) != adapter_io.signature(expected):
+        raise PeftDsError(f"--merge-into-base {base_dir} is {adapter_io.signature(config)}, the adapter was trained "
+                          f"on {adapter_io.signature(expected)}")
+    headers = {}
+    for shard in _base_shards(base_dir):
+        path = os.path.join(base_dir, shard)
+        if not os.path.isfile(path):
+            raise PeftDsError(f"--merge-into-base {base_dir}: weight shard {shard} is missing")
+        with safe_open(path, "pt") as f:
+            headers.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    for name, shape in ckpt.shapes.items():
+        stem, _, kind = name.rpartition(".")
+        if kind.isdigit():
+            stem, _, kind = stem.rpartition(".")
+        if kind == SIBO_PARAMETER:
+            continue
+        weight = f"{stem}.weight"
+        if weight not in headers:
+            raise PeftDsError(f"--merge-into-base {base_dir} has no weight {weight} for adapter tensor {name}")
+        rows, cols = headers[weight]
+        if kind in ("lora_A", "bilora_Q") and shape[1] != cols or kind in ("lora_B", "bilora_P") and shape[0] != rows:
+            raise PeftDsError(f"adapter tensor {name} {tuple(shape)} does not fit {weight} {headers[weight]} of "
+                              f"{base_dir}")
+
+
+def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, progress) -> int:
+    """Copy of the base model directory with W + s B A in every adapted weight, one shard in memory at
+    a time. Returns the number of merged weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .methods.lora import delta_weight
+
+    pending = {name.removesuffix(".lora_A"): name for name in state if name.endswith(".lora_A")}
+    scaling = spec.alpha / spec.r
+    merged = 0
+    for entry in sorted(os.listdir(base_dir)):
+        source = os.path.join(base_dir, entry)
+        if os.path.isfile(source) and not entry.endswith(".safetensors"):
+            shutil.copyfile(source, os.path.join(out_dir, entry))
+    for shard in _base_shards(base_dir):
+        weights = {}
+        with safe_open(os.path.join(base_dir, shard), "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            for key in f.keys():
+                weight = f.get_tensor(key)
+                stem = key.removesuffix(".weight")
+                if key.endswith(".weight") and stem in pending:
+                    delta = delta_weight(state[f"{stem}.lora_A"], state[f"{stem}.lora_B"], scaling)
+                    weight = (weight.float() + delta).to(weight.dtype)
+                    merged += 1
+                    progress.update(1)
+                weights[key] = weight
+        save_file(weights, os.path.join(out_dir, shard), metadata=metadata)
+        del weights
+    return merged
+
+
+def _staging_dir(out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move the finished output into place: an existing one (--force) is removed only after it."""
+    old = None
+    if os.path.exists(out):
+        old = f"{staging}.old"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native", merge_into_base: str | None = None,
+                dtype: str = "fp32", keep_experts: bool = False, fold: bool = False, force: bool = False,
+                progress: bool = True) -> dict:
+    """The whole command; returns the summary. Every refusal comes before anything is written."""
+    from tqdm.auto import tqdm
+
+    began = time.perf_counter()
+    if fmt not in FORMATS:
+        raise PeftDsError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in adapter_io.DTYPES:
+        raise PeftDsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(adapter_io.DTYPES)}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
+        raise PeftDsError(f"output {out} exists (use --force to replace it)")
+    plan = Plan(fmt, merge_into_base, dtype, keep_experts, fold)
+    ckpt = open_checkpoint(path, tag)
+    spec = _output_spec(ckpt.spec, plan)
+    if keep_experts and (fmt == "peft" or merge_into_base) and ckpt.spec.method.startswith("adamix"):
+        raise PeftDsError("--keep-experts keeps the AdaMix experts, which have no PEFT or merged form; drop it to "
+                          "average them (SPEC 2.4)")
+    if fmt == "peft" and not merge_into_base:
+        reason = adapter_io.peft_refusal(spec)
+        if reason:
+            raise PeftDsError(f"no PEFT export for this checkpoint: {reason}")
+    if merge_into_base:
+        _check_merge(ckpt, spec, merge_into_base)
+
+    bar = tqdm(total=len(ckpt.shapes), desc="consolidate", unit="tensor", disable=not progress, dynamic_ncols=True)
+    state = OrderedDict()
+    for name, value in tensors(ckpt):
+        state[name] = value
+        bar.update(1)
+    bar.close()
+    state, spec, notes = _transform(state, ckpt.spec, plan)
+    base_model = ckpt.meta.get("base_model") or ckpt.meta.get("config", {}).get("model", {}).get("name_or_path")
+    source = {"checkpoint": os.path.abspath(ckpt.tag_dir), "tag": ckpt.tag, "world_size": ckpt.world_size,
+              "step": ckpt.meta.get("step"), "trained_method": ckpt.spec.method}
+    staging = _staging_dir(out)
+    try:
+        if merge_into_base:
+            merge_bar = tqdm(total=sum(1 for k in state if k.endswith(".lora_A")), desc="merge", unit="weight",
+                             disable=not progress, dynamic_ncols=True)
+            written = _merge_into_base(state, spec, merge_into_base, staging, merge_bar)
+            merge_bar.close()
+            with open(os.path.join(staging, "peft_ds_merge.json"), "w") as f:
+                json.dump({"peft_ds_version": __version__, "base_model": os.path.abspath(merge_into_base),
+                           "peft_spec": spec.to_dict(), "source": source, "merged_weights": written}, f, indent=2)
+        elif fmt == "peft":
+            adapter_io.write_peft(state, staging, spec, base_model, dtype)
+        else:
+            adapter_io.write_adapter(state, staging, spec, base_model, ckpt.meta.get("base"),
+                                     {"source": source, "transforms": notes}, dtype)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    nbytes = sum(v.numel() for v in state.values()) * torch.finfo(adapter_io.DTYPES[dtype]).bits // 8
+    return {"out": out, "format": "merged model" if merge_into_base else fmt, "tensors": len(state),
+            "bytes": nbytes, "seconds": time.perf_counter() - began, "tag": ckpt.tag,
+            "world_size": ckpt.world_size, "method": spec.method, "notes": notes,
+            "frozen_fragments_skipped": ckpt.frozen_fragments}
