@@ -15,5 +15,7 @@ demo: install
 	$(PY) -m peft_ds train configs/demo_tiny_llama_lora_sibo.yaml --nproc 2
 	$(PY) -m peft_ds smoothness --model tiny-llama --adapter $(DEMO_OUT)/adapter --out $(DEMO_OUT)/smoothness --force
 
+# Slurm and shellcheck for the launch tests (apt, only what is missing), then the whole suite.
 test: install
+	bash scripts/install_system.sh
 	$(PY) -m pytest -q tests

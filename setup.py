@@ -26,6 +26,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "peft"], "mpi": ["mpi4py"]},
+    extras_require={"test": ["pytest", "peft", "mpi4py", "mpich"], "mpi": ["mpi4py"]},
     entry_points={"console_scripts": ["peft-ds=peft_ds.cli:main"]},
 )

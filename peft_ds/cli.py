@@ -131,6 +131,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from . import train
+
+    config = _load_run_config(args)
+    run = train.prepare(config, args.world_size)
+    t = config.train
+    print(f"peft-ds check: {args.config} can start on {args.world_size} rank(s): micro-batch {t.micro_batch_size} x "
+          f"accumulation {run['accumulation']} x {args.world_size} = global batch {t.global_batch_size}, "
+          f"{run['total']} steps, {len(run['train_set'])} training records, resume {run['resume']}")
+    return 0
+
+
 def cmd_consolidate(args) -> int:
     from .consolidate import consolidate
 
@@ -169,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--nproc", type=int, default=0, help="start this many local ranks with torchrun")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="check a run config for a world size before starting any rank",
+                       description="Every check `peft-ds train` makes before work starts (config, DeepSpeed JSON, "
+                       "model directory, data, output directory, batch sizes for the world size); starts nothing. "
+                       "launcher/launch.sh runs it once before starting the ranks.")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="check as for --resume")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks the run will have")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("consolidate", help="a ZeRO-3 checkpoint (any world size) -> one adapter file, a PEFT "
                        "adapter, or a merged model", description="Rebuild every adapter tensor from the fp32 "
@@ -212,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("num_examples", "cutoff_len"):
+    for name in ("num_examples", "cutoff_len", "world_size"):
         if getattr(args, name, 1) < 1:
             print(f"peft-ds: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2

@@ -1,5 +1,7 @@
-"""Process-group set-up for training: ranks from the launcher's environment (torchrun, the deepspeed
-launcher, or the `launcher/` entry for Slurm and MPI), or a single process when there is none."""
+"""Process-group set-up for training: every rank finds its rank, local rank, world size and master
+from whichever launcher started it (torchrun, the deepspeed launcher, srun, mpirun; `discover`), or
+runs alone when there is none. `launcher/launch.sh` starts the ranks on a cluster; `run_local`
+(`--nproc`) on one machine."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import socket
 
 import torch
 
+from .errors import PeftDsError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -15,39 +19,125 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed through DeepSpeed once per process."""
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Set by mpirun / mpiexec (Open MPI; MPICH's hydra and srun --mpi=pmi2) in every rank it starts.
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+_discovered: tuple[dict, str] | None = None
 
 
-# Set by srun (for a step of several tasks) and by mpirun: then every process is one of several ranks.
-TASK_COUNT_VARIABLES = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+def _count(env, name) -> int:
+    try:
+        return int(env.get(name) or 1)
+    except ValueError:
+        return 1
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`node[01-03]` style), as `scontrol show hostnames` expands it."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise PeftDsError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {err}") from None
+    hosts = r.stdout.split()
+    if r.returncode != 0 or not hosts:
+        raise PeftDsError(f"scontrol show hostnames {nodelist!r} failed: {r.stderr.strip() or 'no hosts'}")
+    return hosts[0]
+
+
+def _from_slurm(env) -> dict:
+    missing = [n for n in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID") if n not in env]
+    if missing:
+        raise PeftDsError(f"srun task without {missing[0]}: cannot tell this rank")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    addr = env.get("MASTER_ADDR") or _first_host(nodelist)
+    # One port per job, the same in every task, away from the well-known range
+    port = env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
+def _from_mpi(env, size_variable) -> dict:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise PeftDsError(f"started by MPI ({size_variable}={env[size_variable]}) but mpi4py is not installed: "
+                          f"pip install 'peft-ds[mpi]'") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != _count(env, size_variable):
+        raise PeftDsError(f"the launcher started {env[size_variable]} MPI ranks ({size_variable}) but mpi4py sees "
+                          f"{comm.Get_size()}: mpi4py is built for another MPI than the mpirun used")
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    # rank 0's host and a port free there, the same in every rank
+    addr, port = comm.bcast((env.get("MASTER_ADDR") or socket.gethostname(),
+                             env.get("MASTER_PORT") or str(_free_port())) if comm.Get_rank() == 0 else None, root=0)
+    variables = {"RANK": str(comm.Get_rank()), "LOCAL_RANK": str(local.Get_rank()),
+                 "WORLD_SIZE": str(comm.Get_size()), "MASTER_ADDR": addr, "MASTER_PORT": port}
+    local.Free()
+    return variables
+
+
+def discover(environ=None) -> tuple[dict, str]:
+    """(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the source) from whichever launcher
+    started this process: torchrun or the deepspeed launcher (the variables themselves), MPI (mpi4py:
+    mpirun, mpiexec, srun --mpi=pmi2), Slurm (srun: SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS,
+    first host of the node list), or none (one process). Computed once per process."""
+    global _discovered
+    if environ is None and _discovered is not None:
+        return _discovered
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        found = {"RANK": env["RANK"], "LOCAL_RANK": env.get("LOCAL_RANK", "0"), "WORLD_SIZE": env["WORLD_SIZE"],
+                 "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+        result = found, "launcher variables"
+    elif any(_count(env, n) > 1 for n in MPI_SIZE_VARIABLES):
+        result = _from_mpi(env, next(n for n in MPI_SIZE_VARIABLES if _count(env, n) > 1)), "mpi"
+    elif _count(env, "SLURM_STEP_NUM_TASKS") > 1:
+        result = _from_slurm(env), "slurm"
+    else:
+        port = env.get("MASTER_PORT") or str(_free_port())
+        result = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": port}, "single process"
+    if environ is None:
+        _discovered = result
+    return result
 
 
 def world_size_from_env() -> int:
-    """WORLD_SIZE, or 1 for a lone process. A process started as one of several srun / mpirun tasks
-    without RANK and WORLD_SIZE is refused: it would train alone, beside its siblings, into the same
-    output directory."""
-    if "WORLD_SIZE" not in os.environ:
-        for name in TASK_COUNT_VARIABLES:
-            if int(os.environ.get(name, "1") or 1) > 1:
-                from .errors import PeftDsError
+    return int(discover()[0]["WORLD_SIZE"])
 
-                raise PeftDsError(
-                    f"started as one of {os.environ[name]} tasks ({name}) without RANK/WORLD_SIZE: start the ranks "
-                    f"with torchrun, the deepspeed launcher or --nproc (srun and mpirun rank discovery: launcher/)"
-                )
-    return int(os.environ.get("WORLD_SIZE", "1"))
+
+def init() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed through DeepSpeed once per process, with the
+    ranks `discover` finds. PEFT_DS_DIST_TIMEOUT (minutes, default 30) bounds every collective, so a
+    lost rank ends the job instead of hanging it."""
+    import datetime
+
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        variables, _ = discover()
+        os.environ.update(variables)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(variables["LOCAL_RANK"]))
+        timeout = datetime.timedelta(minutes=float(os.environ.get("PEFT_DS_DIST_TIMEOUT", "30")))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def describe() -> str:
+    """'world size N over K nodes (names) via SOURCE, master ADDR:PORT': collective."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    names = [node]
+    if torch.distributed.get_world_size() > 1:
+        names = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(names, node)
+    nodes = list(dict.fromkeys(names))
+    _, source = discover()
+    return (f"world size {len(names)} over {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(nodes)}) "
+            f"via {source}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

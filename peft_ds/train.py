@@ -216,7 +216,9 @@ def train(config: RunConfig) -> dict:
     t, out = config.train, config.output_dir
     ckpt_root, metrics_path = os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl")
     is_main = rank == 0
+    where = distributed.describe()  # collective
     if is_main:
+        print(f"peft-ds train: {where}", flush=True)
         os.makedirs(ckpt_root, exist_ok=True)
         write_config(config, os.path.join(out, "config.yaml"))
         with open(os.path.join(out, "ds_config.json"), "w") as f:

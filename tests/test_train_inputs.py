@@ -3,10 +3,12 @@ leaves no output behind; the README demo run trains (loss falls by at least 30%)
 
 import json
 import os
+import sys
 
 import pytest
 from launch import ROOT, losses, peft_ds, write_config
 
+from peft_ds import distributed
 from peft_ds.cli import main
 from peft_ds.models import write_preset
 
@@ -82,9 +84,17 @@ def test_readme_demo_run_trains(tmp_path):
         assert any("val_loss" in json.loads(line) for line in f)
 
 
-@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
-def test_sibling_tasks_without_rank_variables_are_refused(capsys, tmp_path, base, monkeypatch, variable):
-    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+@pytest.mark.parametrize("variable,message", [
+    ("SLURM_STEP_NUM_TASKS", "srun task without SLURM_PROCID"),
+    ("OMPI_COMM_WORLD_SIZE", "started by MPI (OMPI_COMM_WORLD_SIZE=4) but mpi4py is not installed"),
+    ("PMI_SIZE", "started by MPI (PMI_SIZE=4) but mpi4py is not installed"),
+])
+def test_sibling_tasks_that_cannot_tell_their_rank_are_refused(capsys, tmp_path, base, monkeypatch, variable, message):
+    """A process started as one of several srun / mpirun tasks must find its rank or stop: training
+    alone beside its siblings would write the same output directory."""
+    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, "4")
-    _fails(capsys, tmp_path, ["train", base], f"started as one of 4 tasks ({variable}) without RANK/WORLD_SIZE")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as on a machine without it
+    monkeypatch.setattr(distributed, "_discovered", None)
+    _fails(capsys, tmp_path, ["train", base], message)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# launcher/launch.sh: start the ranks of `peft-ds train RUN_CONFIG [ARGS...]` on the nodes of a
+# Slurm allocation (or on this machine), the one entry every launch path goes through. Each rank
+# then finds its rank, local rank, world size and master itself (peft_ds/distributed.py: discover).
+#
+#   launcher/launch.sh RUN_CONFIG [--set section.key=value ...]
+#
+# Environment (default):
+#   LAUNCH_MODE     srun (one task per GPU; default) | torchrun (one torchrun per node) |
+#                   deepspeed (the deepspeed launcher with a hostfile) | mpi (mpirun, mpi4py discovery)
+#   GPUS_PER_NODE   ranks per node (8)
+#   NNODES          nodes (SLURM_JOB_NUM_NODES, else 1)
+#   PYTHON          the Python that has peft-ds (python3)
+#   MASTER_PORT     rendezvous port (derived from SLURM_JOB_ID, else 29500)
+#   DS_LAUNCHER     deepspeed mode: pdsh (default) | mpich | openmpi | slurm
+#   HOSTFILE        deepspeed mode: the hostfile to use (written by launcher/hostfile.sh under Slurm)
+#   DEEPSPEED_ARGS  deepspeed mode: extra launcher arguments, e.g. "--no_ssh_check" or "--venv_script V"
+#   MPIRUN_ARGS     mpi mode: extra mpirun arguments ("-ppn GPUS_PER_NODE", MPICH's; Open MPI: "--map-by ppr:8:node")
+# Exit code: the ranks' (75: stopped on a signal after saving a checkpoint; requeue and resume).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+die() { echo "launch.sh: error: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || die "usage: launcher/launch.sh RUN_CONFIG [--set section.key=value ...]"
+LAUNCH_MODE=${LAUNCH_MODE:-srun}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}}
+PYTHON=${PYTHON:-python3}
+DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
+case "$LAUNCH_MODE" in
+  srun|torchrun|deepspeed|mpi) ;;
+  *) die "unknown LAUNCH_MODE '$LAUNCH_MODE' (srun, torchrun, deepspeed or mpi)" ;;
+esac
+[[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'"
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$NNODES'"
+if [ "$LAUNCH_MODE" != mpi ] && [ -z "${SLURM_JOB_ID:-}" ] && [ "$LAUNCH_MODE" != deepspeed ]; then
+  die "LAUNCH_MODE=$LAUNCH_MODE needs a Slurm allocation (sbatch/salloc); outside one use mpi, deepspeed, or peft-ds train --nproc"
+fi
+world=$((NNODES * GPUS_PER_NODE))
+
+# Every check before any rank starts: config, model, data, and that the world size divides the batch.
+"$PYTHON" -m peft_ds check "$@" --world-size "$world" ||
+  die "the run above cannot start on $NNODES node(s) x GPUS_PER_NODE=$GPUS_PER_NODE = $world ranks"
+
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+fi
+export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
+echo "launch.sh: $LAUNCH_MODE, $NNODES node(s) x $GPUS_PER_NODE = $world ranks, master $MASTER_ADDR:$MASTER_PORT"
+
+case "$LAUNCH_MODE" in
+  srun)
+    # One task per GPU; each reads its own SLURM_PROCID / SLURM_LOCALID. A task that dies ends the step.
+    exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$world" --ntasks-per-node="$GPUS_PER_NODE" \
+      "$PYTHON" -m peft_ds train "$@" ;;
+  torchrun)
+    # One torchrun per node, fixed node ranks (the c10d rendezvous form is less reliable at exit).
+    # SLURM_NODEID is read by each task (single quotes), not by this shell.
+    # shellcheck disable=SC2016
+    exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
+      bash -c 'exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" --node_rank "$SLURM_NODEID" \
+               --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m peft_ds train "${@:3}"' \
+      "$PYTHON" "$NNODES" "$GPUS_PER_NODE" "$@" ;;
+  deepspeed)
+    HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/peft_ds_hostfile.${SLURM_JOB_ID:-$$}}
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+      GPUS_PER_NODE=$GPUS_PER_NODE bash "$here/hostfile.sh" "$HOSTFILE"
+    fi
+    [ -f "$HOSTFILE" ] || die "deepspeed mode outside Slurm needs HOSTFILE (lines 'host slots=N')"
+    read -r -a deepspeed_args <<< "${DEEPSPEED_ARGS:-}"
+    # A script path, not --module: the launcher's mpich/openmpi runners mangle --module.
+    exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${deepspeed_args[@]}" \
+      "$here/train.py" train "$@" ;;
+  mpi)
+    # mpirun (MPICH's hydra or Open MPI) starts every rank; peft-ds reads them through mpi4py.
+    read -r -a mpirun_args <<< "${MPIRUN_ARGS:--ppn $GPUS_PER_NODE}"
+    exec mpirun -n "$world" "${mpirun_args[@]}" "$PYTHON" -m peft_ds train "$@" ;;
+esac

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=gptj-adapter-sibo
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=10
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+# Adapter-SIBO on GPT-J-6B, Math10K, 1 node x 8 A100 (configs/gptj_adapter_sibo.yaml).
+# Submit from the peft-ds checkout:  sbatch slurm/gptj_adapter_sibo.sh
+# Settings (environment variables; defaults after the colon), documented in slurm/README.md:
+#   MODEL_PATH     local Hugging Face model directory  : /path/to/gpt-j-6b
+#   DATA_PATH      training JSON (LLM-Adapters format)  : data/math_10k.json
+#   OUTPUT_DIR     run directory (checkpoints, adapter) : runs/gptj_adapter_sibo
+#   RUN_CONFIG     run config YAML                      : configs/gptj_adapter_sibo.yaml
+#   DS_CONFIG      DeepSpeed config                     : ds_configs/zero3_bf16.json
+#   GPUS_PER_NODE  ranks per node (= --ntasks-per-node) : 8
+#   LAUNCH_MODE    srun | torchrun | deepspeed | mpi    : srun
+#   EXTRA_ARGS     more peft-ds train arguments, e.g. "--set train.lr=1e-4 --set method.sibo_lambda=0.2"
+#   PYTHON         the Python with peft-ds installed    : .venv/bin/python, else python3
+# sbatch options on the command line override the headers above (e.g. --nodes=4, --time=12:00:00).
+#
+# NCCL and timeouts (uncomment or export before sbatch as your cluster needs):
+# export NCCL_DEBUG=WARN                   # INFO to see the chosen transport and rings
+# export NCCL_SOCKET_IFNAME=ib0            # the interface between nodes
+# export NCCL_IB_HCA=mlx5                  # InfiniBand adapters to use
+# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 # a failed collective ends the process instead of hanging
+# export PEFT_DS_DIST_TIMEOUT=30           # minutes any collective may wait (a lost rank ends the job)
+set -euo pipefail
+MODEL_PATH=${MODEL_PATH:-/path/to/gpt-j-6b}
+DATA_PATH=${DATA_PATH:-data/math_10k.json}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/gptj_adapter_sibo}
+RUN_CONFIG=${RUN_CONFIG:-configs/gptj_adapter_sibo.yaml}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+export MODEL_PATH DATA_PATH OUTPUT_DIR RUN_CONFIG DS_CONFIG
+# sbatch runs a copy of this script: the checkout is where it was submitted from (or PEFT_DS_HOME).
+PEFT_DS_HOME=${PEFT_DS_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -f "$PEFT_DS_HOME/launcher/slurm_job.sh" ] ||
+  { echo "gptj_adapter_sibo.sh: error: $PEFT_DS_HOME is not a peft-ds checkout: submit from it or set PEFT_DS_HOME" >&2; exit 2; }
+# shellcheck source=launcher/slurm_job.sh
+source "$PEFT_DS_HOME/launcher/slurm_job.sh"
