@@ -13,7 +13,7 @@ setup(
     description="Parameter-efficient adapters (LoRA, adapters, SIBO, AdaMix, BiLoRA) on frozen LLaMA/GPT-J "
     "under DeepSpeed ZeRO-3, launched on Slurm",
     packages=find_packages(include=["peft_ds", "peft_ds.*"]),
-    package_data={"peft_ds": ["assets/*"]},
+    package_data={"peft_ds": ["assets/*", "assets/eval/*/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -131,6 +131,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, format_summary, rows_path
+
+    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    report = evaluate(args.base, datasets, args.data_dir, adapter=args.adapter, batch_size=args.batch_size,
+                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, extractor=args.extractor,
+                      out=args.out, limit=args.limit, deepspeed_config=args.deepspeed, force=args.force,
+                      progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.base}{' + ' + args.adapter if args.adapter else ''}: accuracy (%), extractor "
+              f"{args.extractor} (the other beside it), {report['world_size']} rank(s)")
+        print(format_summary(report))
+        if args.out:
+            print(f"wrote {args.out} and {rows_path(args.out)}")
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import train
 
@@ -181,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--nproc", type=int, default=0, help="start this many local ranks with torchrun")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy on the LLM-Adapters math / commonsense test sets",
+                       description="Generate answers for <data-dir>/<name>/test.json with the LLM-Adapters evaluation "
+                       "prompt and extract them as upstream does (faithful) and with the fixes (robust). Several ranks "
+                       "(torchrun, srun, mpirun) share the test set; --deepspeed partitions the model with ZeRO-3.")
+    p.add_argument("--base", required=True, help="preset or local HF model directory")
+    p.add_argument("--adapter", default=None, help="peft-ds adapter directory (default: the base model alone)")
+    p.add_argument("--dataset", required=True, help="comma-separated: gsm8k, AQuA, SVAMP, mawps, AddSub, MultiArith, "
+                   "SingleEq, boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, ARC-Easy, openbookqa")
+    p.add_argument("--data-dir", required=True, help="directory holding <name>/test.json (LLM-Adapters' dataset/)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (default 1)")
+    p.add_argument("--num-beams", type=int, default=4, help="beam search width (default 4, as upstream)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 math, 32 commonsense (upstream)")
+    p.add_argument("--extractor", default="faithful", choices=["faithful", "robust"],
+                   help="the headline column; the other is reported beside it (default faithful)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
+    p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="ZeRO-3 config: partition the model")
+    p.add_argument("--out", default=None, help="summary JSON (per-example rows go to the same name + l: .jsonl)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("check", help="check a run config for a world size before starting any rank",
                        description="Every check `peft-ds train` makes before work starts (config, DeepSpeed JSON, "
@@ -234,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("num_examples", "cutoff_len", "world_size"):
-        if getattr(args, name, 1) < 1:
+    for name in ("num_examples", "cutoff_len", "world_size", "batch_size", "num_beams", "max_new_tokens", "limit"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             print(f"peft-ds: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:

@@ -849,6 +849,33 @@ def dump_json(records: List[Record]) -> bytes:
     return (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+EVAL_DIR = "eval"
+EVAL_PER_SET = 6
+# Commonsense test sets by their "Answer format" line (ARC and OBQA share answer1..4; SIQA answer1..3).
+_EVAL_FORMATS = {"boolq": "true/false", "piqa": "solution1/solution2", "social_i_qa": "answer1/answer2/answer3",
+                 "hellaswag": "ending1/ending2/ending3/ending4", "winogrande": "option1/option2",
+                 "ARC-Challenge": "answer1/answer2/answer3/answer4", "ARC-Easy": "answer1/answer2/answer3/answer4",
+                 "openbookqa": "answer1/answer2/answer3/answer4"}
+_EVAL_MATH = ("gsm8k", "SVAMP", "mawps", "AddSub", "MultiArith", "SingleEq")
+
+
+def eval_fixtures(math_recs: List[Record], cs_recs: List[Record]) -> Dict[str, List[Record]]:
+    """Tiny test sets in the LLM-Adapters layout (`<name>/test.json`), EVAL_PER_SET records each,
+    taken from the end of the samples: numeric math problems, AQuA-style choices, and each
+    commonsense format. Prompts of different lengths, for the batching tests."""
+    numeric = [r for r in reversed(math_recs) if "Answer Choices" not in r["instruction"]]
+    letters = [r for r in reversed(math_recs) if "Answer Choices" in r["instruction"]]
+    sets = {name: numeric[k * EVAL_PER_SET:(k + 1) * EVAL_PER_SET] for k, name in enumerate(_EVAL_MATH)}
+    sets["AQuA"] = letters[:EVAL_PER_SET]
+    used = {}
+    for name, answer_format in _EVAL_FORMATS.items():
+        matching = [r for r in reversed(cs_recs) if r["instruction"].endswith("Answer format: " + answer_format)]
+        skip = used.get(answer_format, 0)
+        sets[name] = matching[skip:skip + EVAL_PER_SET]
+        used[answer_format] = skip + EVAL_PER_SET
+    return sets
+
+
 def _write(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -867,6 +894,10 @@ def generate_all(out_dir: str = DEFAULT_OUT_DIR, seed: int = DEFAULT_SEED,
     }
     _write(paths["math"], dump_json(math_recs))
     _write(paths["commonsense"], dump_json(cs_recs))
+    for name, records in eval_fixtures(math_recs, cs_recs).items():
+        paths[f"eval/{name}"] = os.path.join(out_dir, EVAL_DIR, name, "test.json")
+        os.makedirs(os.path.dirname(paths[f"eval/{name}"]), exist_ok=True)
+        _write(paths[f"eval/{name}"], dump_json(records))
     if tokenizer:
         paths["tokenizer"] = os.path.join(out_dir, TOKENIZER_FILE)
         model = train_tokenizer(render_prompts(math_recs + cs_recs), vocab_size)

@@ -21,7 +21,8 @@ ASSETS = os.path.join(REPO_ROOT, "peft_ds", "assets")
 MATH = os.path.join(ASSETS, "math_sample.json")
 COMMONSENSE = os.path.join(ASSETS, "commonsense_sample.json")
 TOKENIZER = os.path.join(ASSETS, "tiny_tokenizer.model")
-ASSET_FILES = ["math_sample.json", "commonsense_sample.json", "tiny_tokenizer.model"]
+ASSET_FILES = ["math_sample.json", "commonsense_sample.json", "tiny_tokenizer.model"] + [
+    f"eval/{name}/test.json" for name in sorted(os.listdir(os.path.join(ASSETS, "eval")))]
 MAX_JSON_BYTES = 1_500_000
 
 NUM = r"\d+(?:\.\d+)?"
