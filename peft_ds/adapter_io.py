@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from .ds_config import DTYPES
 from .errors import PeftDsError, read_json
 from .injection import adapter_state_dict, apply_peft, load_adapter_state_dict
 from .spec import PeftSpec
@@ -21,7 +22,6 @@ WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
 FORMAT = "peft-ds-adapter"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config keys that say how a model was saved or run, not what it computes: left out of the config hash.
 _VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache",
              "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import adapter_io, architectures, checkpoint
+from .ds_config import DTYPES
 from .errors import PeftDsError, read_json
 from .methods import METHOD_PARAMETERS, SIBO_PARAMETER, WIDTH_AXIS
 from .spec import ADAPTER_FAMILY, PeftSpec
@@ -71,10 +72,6 @@ class ZeroCheckpoint:
     flat: list  # per rank: its fp32 flat groups (memory-mapped)
     frozen_fragments: bool  # the model-states files carry the frozen backbone's shards (left unread)
 
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes.values())
-
 
 def resolve_root(path: str) -> tuple[str, str | None]:
     """(checkpoints root, tag named by the path) for a run directory, its `checkpoints/`, or a tag directory."""
@@ -102,14 +99,21 @@ def _spec_of(meta: dict, where: str) -> PeftSpec:
     return spec
 
 
+def _split(name: str) -> tuple[str, str, int | None]:
+    """(module path, parameter kind, expert index or None) of an adapter key, e.g.
+    `model.layers.0.mlp.up_proj.lora_A.2` -> (`model.layers.0.mlp.up_proj`, `lora_A`, 2)."""
+    stem, _, last = name.rpartition(".")
+    if not last.isdigit():
+        return stem, last, None
+    module, _, kind = stem.rpartition(".")
+    return module, kind, int(last)
+
+
 def _checkpoint_method(names) -> str:
     """The method whose parameters a checkpoint holds (AdaMix: expert-indexed names)."""
-    kinds, indexed = set(), False
-    for name in names:
-        stem, _, last = name.rpartition(".")
-        if last.isdigit():
-            indexed, last = True, stem.rpartition(".")[2]
-        kinds.add(last)
+    parts = [_split(name) for name in names]
+    kinds = {kind for _, kind, _ in parts}
+    indexed = any(index is not None for _, _, index in parts)
     kinds.discard(SIBO_PARAMETER)
     for method, params in METHOD_PARAMETERS.items():
         if kinds and kinds <= set(params) and indexed == method.startswith("adamix"):
@@ -126,10 +130,9 @@ def _check_against_spec(shapes: dict, spec: PeftSpec, where: str) -> None:
     width = spec.bottleneck_size if spec.method in ADAPTER_FAMILY else spec.r
     experts = {}
     for name, shape in shapes.items():
-        stem, _, last = name.rpartition(".")
-        if last.isdigit():
-            experts[stem] = max(experts.get(stem, 0), int(last) + 1)
-            stem, _, last = stem.rpartition(".")
+        stem, last, index = _split(name)
+        if index is not None:
+            experts[f"{stem}.{last}"] = max(experts.get(f"{stem}.{last}", 0), index + 1)
         if last == SIBO_PARAMETER:
             if not spec.sibo_learnable:
                 raise PeftDsError(f"{where} holds a learnable SIBO lambda ({name}), but its config has "
@@ -252,17 +255,6 @@ def _transform(state: dict, spec: PeftSpec, plan: Plan) -> tuple[dict, PeftSpec,
     return state, spec, notes
 
 
-def _output_spec(spec: PeftSpec, plan: Plan) -> PeftSpec:
-    """The spec `_transform` will produce, known before any tensor is read."""
-    from .methods import adamix, bilora
-
-    if spec.method.startswith("adamix") and not plan.keep_experts:
-        spec = adamix.merged_spec(spec)
-    if spec.method == "bilora" and (plan.fold or plan.fmt == "peft" or plan.merge_into_base):
-        spec = bilora.folded_spec(spec)
-    return spec
-
-
 def _base_shards(base_dir: str) -> list[str]:
     index = os.path.join(base_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -296,9 +288,7 @@ def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
         with safe_open(path, "pt") as f:
             headers.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     for name, shape in ckpt.shapes.items():
-        stem, _, kind = name.rpartition(".")
-        if kind.isdigit():
-            stem, _, kind = stem.rpartition(".")
+        stem, kind, _ = _split(name)
         if kind == SIBO_PARAMETER:
             continue
         weight = f"{stem}.weight"
@@ -371,13 +361,13 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
     began = time.perf_counter()
     if fmt not in FORMATS:
         raise PeftDsError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype not in adapter_io.DTYPES:
-        raise PeftDsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(adapter_io.DTYPES)}")
+    if dtype not in DTYPES:
+        raise PeftDsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise PeftDsError(f"output {out} exists (use --force to replace it)")
     plan = Plan(fmt, merge_into_base, dtype, keep_experts, fold)
     ckpt = open_checkpoint(path, tag)
-    spec = _output_spec(ckpt.spec, plan)
+    spec = _transform({}, ckpt.spec, plan)[1]  # the output's spec, known before any tensor is read
     if keep_experts and (fmt == "peft" or merge_into_base) and ckpt.spec.method.startswith("adamix"):
         raise PeftDsError("--keep-experts keeps the AdaMix experts, which have no PEFT or merged form; drop it to "
                           "average them (SPEC 2.4)")
@@ -417,7 +407,7 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    nbytes = sum(v.numel() for v in state.values()) * torch.finfo(adapter_io.DTYPES[dtype]).bits // 8
+    nbytes = sum(v.numel() for v in state.values()) * torch.finfo(DTYPES[dtype]).bits // 8
     return {"out": out, "format": "merged model" if merge_into_base else fmt, "tensors": len(state),
             "bytes": nbytes, "seconds": time.perf_counter() - began, "tag": ckpt.tag,
             "world_size": ckpt.world_size, "method": spec.method, "notes": notes,

@@ -215,12 +215,12 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     rank = 0
     if world > 1 or raw_ds is not None:
         rank, world = distributed.init()
-    dtype = ds_config.DTYPES[ds_config.model_dtype(raw_ds, "auto")] if raw_ds else torch.float32
+    dtype_name = ds_config.model_dtype(raw_ds, "auto") if raw_ds else "fp32"
     resolved = None
     if raw_ds is not None:
         resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(base), micro_batch_size=batch_size,
-                                     accumulation=1, world_size=world, dtype=ds_config.model_dtype(raw_ds, "auto"))
-    model = models.build_model(base, dtype=dtype, ds_config=resolved)
+                                     accumulation=1, world_size=world, dtype=dtype_name)
+    model = models.build_model(base, dtype=ds_config.DTYPES[dtype_name], ds_config=resolved)
     tokenizer = models.load_tokenizer_for(base)
     if adapter:
         load_adapter(model, adapter)
