@@ -27,9 +27,12 @@ echo "$job_name: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-this machine}, 
 args=("$RUN_CONFIG" --set "model.name_or_path=$MODEL_PATH" --set "data.train_file=$DATA_PATH"
       --set "output_dir=$OUTPUT_DIR" --set "deepspeed=$DS_CONFIG" --set "train.resume=auto")
 read -r -a extra <<< "${EXTRA_ARGS:-}"
+# peft-ds writes this after saving on the signal: srun may report a slower rank's SIGTERM instead of 75.
+marker=$OUTPUT_DIR/preempted.json
+rm -f "$marker"
 status=0
 bash "$PEFT_DS_HOME/launcher/launch.sh" "${args[@]}" "${extra[@]}" || status=$?
-if [ "$status" -eq 75 ]; then
+if [ "$status" -eq 75 ] || { [ "$status" -ne 0 ] && [ -f "$marker" ]; }; then
   echo "$job_name: the ranks saved a checkpoint on the signal; requeueing job $SLURM_JOB_ID to resume from it"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

@@ -26,6 +26,10 @@ from .objective import Feed, Objective
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1 and stopped: requeue and resume
+# Written by rank 0 beside the checkpoints when it stops that way. A launcher that ends every task when
+# one exits (srun --kill-on-bad-exit) may report a slower rank's SIGTERM instead of 75; this file says
+# what happened whatever exit code reaches the job script.
+PREEMPTED_MARKER = "preempted.json"
 
 
 class Preempted(Exception):
@@ -295,6 +299,9 @@ def train(config: RunConfig) -> dict:
                 checkpoint.save(engine, ckpt_root, done, meta, objective.state_dict(), t.save_frozen_params)
                 last_saved = done
             if asked:
+                if is_main:
+                    with open(os.path.join(out, PREEMPTED_MARKER), "w") as f:
+                        json.dump({"step": done, "checkpoint": os.path.join(ckpt_root, f"step{done}")}, f)
                 raise Preempted()
     finally:
         bar.close()
