@@ -2,9 +2,10 @@
 
 Copied byte-for-byte from ``generate_prompt`` in LLM-Adapters ``finetune.py``
 (https://github.com/AGI-Edgerunners/LLM-Adapters/blob/main/finetune.py), including its
-unusual whitespace: every body line is indented with 16 spaces (the "blank"
-separator lines consist of exactly 16 spaces), the with-input header line ends
-with one trailing space and the no-input header line ends with two trailing spaces.
+unusual whitespace: the line after the header is truly empty, every later line is
+indented with 16 spaces (the later "blank" separator lines consist of exactly 16
+spaces), the with-input header line ends with one trailing space and the no-input
+header line ends with two trailing spaces.
 The evaluation template (``generate_prompt`` in LLM-Adapters ``evaluate.py`` and
 ``commonsense_evaluate.py``) differs on purpose, as upstream: its blank lines are truly
 empty, the no-input header ends with one trailing space and the with-input header with
@@ -16,7 +17,7 @@ Do not reformat this file.
 def generate_prompt(data_point):
     if data_point["input"]:
         return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. 
-                
+
                 ### Instruction:
                 {data_point["instruction"]}
                 
@@ -27,7 +28,7 @@ def generate_prompt(data_point):
                 {data_point["output"]}"""
     else:
         return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request.  
-                
+
                 ### Instruction:
                 {data_point["instruction"]}
                 

@@ -25,21 +25,6 @@ FIXTURES = os.path.join(ROOT, "peft_ds", "assets", "eval")
 # ---- prompt and extraction (reference notes 2.3, 2.5, 2.6) ---------------------------------------------------
 
 
-def test_evaluation_prompt_is_byte_exact():
-    assert evaluation_prompt("What is 2 + 3?") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
-        "\n"
-        "                ### Instruction:\n"
-        "                What is 2 + 3?\n"
-        "\n"
-        "                ### Response:\n"
-        "                ")
-    with_input = evaluation_prompt("Add them.", "2 and 3")
-    assert with_input.startswith("Below is an instruction that describes a task, paired with an input that provides "
-                                 "further context. Write a response that appropriately completes the request.\n\n")
-    assert "                ### Input:\n                2 and 3\n\n" in with_input
-
-
 def test_response_is_the_text_between_the_first_two_markers():
     assert response_of("prompt ### Response:\n   The answer is 4. ### Response: junk") == "The answer is 4."
     assert response_of("no marker") == ""

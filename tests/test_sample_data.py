@@ -222,44 +222,6 @@ def test_commonsense_answers_balanced(commonsense_records):
 
 
 # --------------------------------------------------------------------------- #
-# prompt template
-# --------------------------------------------------------------------------- #
-
-
-def test_generate_prompt_no_input():
-    rec = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5.\nThe answer is 5."}
-    expected = (
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.  \n"
-        "                \n"
-        "                ### Instruction:\n"
-        "                What is 2 + 3?\n"
-        "                \n"
-        "                ### Response:\n"
-        "                2 + 3 = 5.\nThe answer is 5."
-    )
-    assert generate_prompt(rec) == expected
-
-
-def test_generate_prompt_with_input():
-    rec = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-    expected = (
-        "Below is an instruction that describes a task, paired with an input that provides "
-        "further context. Write a response that appropriately completes the request. \n"
-        "                \n"
-        "                ### Instruction:\n"
-        "                Add the numbers.\n"
-        "                \n"
-        "                ### Input:\n"
-        "                2 and 3\n"
-        "                \n"
-        "                ### Response:\n"
-        "                5"
-    )
-    assert generate_prompt(rec) == expected
-
-
-# --------------------------------------------------------------------------- #
 # tokenizer
 # --------------------------------------------------------------------------- #
 
