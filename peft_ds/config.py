@@ -69,7 +69,8 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "method": PeftSpec, "data": DataConfig, "train": TrainConfig}
-SCHEDULES = ("linear", "cosine", "constant")
+# The lr schedules, by the names transformers.get_scheduler gives them (ours warm up first whatever the schedule).
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 RESUME = (False, True, "auto")
 

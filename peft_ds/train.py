@@ -7,7 +7,6 @@ Every rank runs this function; rank 0 alone logs and plots."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -17,7 +16,7 @@ import torch
 
 from . import checkpoint, data, distributed, ds_config, models
 from .adapter_io import save_adapter
-from .config import RunConfig, check_world_size, write_config
+from .config import SCHEDULES, RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
 from .objective import Feed, Objective
@@ -37,17 +36,13 @@ class Preempted(Exception):
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
-    """Linear warm-up to lr, then linear decay to 0 (the transformers default), cosine, or constant."""
+    """The lr factor per global step of `transformers.get_scheduler`, the Trainer's and so LLM-Adapters'
+    (linear: 0 at step 0, warm-up to 1 at `warmup`, then linear decay to 0 at `total`)."""
+    from transformers import get_scheduler
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(SCHEDULES[schedule], probe, num_warmup_steps=warmup,
+                         num_training_steps=total).lr_lambdas[0]
 
 
 def objective_for(model, spec, optimizer, scheduler, run) -> Objective:
@@ -277,13 +272,14 @@ def train(config: RunConfig) -> dict:
     try:
         for step in range(start, run["total"]):
             began = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # the lr this step applies, as the Trainer logs it
             objective.begin_step(step)
             stats = objective.train_step(engine, feed, train_set, step,
                                          grad_check if step == start and not run["resume"] else None)
             loss_sum, losses, tokens, asked = distributed.all_reduce_sum(
                 [stats["loss_sum"], stats["losses"], stats["tokens"], float(stop["asked"])])
             done = step + 1
-            row = {"step": done, "loss": loss_sum / losses, "lr": scheduler.get_last_lr()[0],
+            row = {"step": done, "loss": loss_sum / losses, "lr": lr,
                    "tokens_per_s": tokens / (time.perf_counter() - began), **objective.metrics()}
             if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
                 raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")

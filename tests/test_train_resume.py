@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from launch import ROOT, adapter, losses, peft_ds, write_config
+from test_train_schedule import trainer_learning_rates
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,20 @@ def assert_same_run(resumed, reference):
     assert la.keys() == lb.keys() == set(range(1, STEPS + 1))
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-6), step
+    assert learning_rates(resumed) == learning_rates(reference)
+
+
+def learning_rates(output_dir):
+    with open(os.path.join(str(output_dir), "metrics.jsonl")) as f:
+        return {row["step"]: row["lr"] for row in map(json.loads, f) if "lr" in row}
+
+
+def test_logged_lr_is_the_trainers(reference, tmp_path):
+    """A real 2-rank run logs, at every step, the lr a transformers Trainer logs for the same settings."""
+    ours = learning_rates(reference)
+    expected = trainer_learning_rates("linear", steps=STEPS, warmup=2, lr=1.0e-2, tmp_dir=tmp_path)
+    assert ours.keys() == expected.keys() == set(range(1, STEPS + 1))
+    assert all(ours[s] == pytest.approx(expected[s], rel=1e-12, abs=1e-15) for s in ours), (ours, expected)
 
 
 def test_kill_and_resume_matches_uninterrupted(reference, tmp_path):
