@@ -22,7 +22,7 @@ from torch import nn
 
 from ..objective import Objective
 from .adapter import AdapterLinear
-from .lora import LoraLinear
+from .lora import LoraLinear, add_rounded_once
 from .sibo import InitialResidual
 
 IGNORE_INDEX = -100
@@ -113,7 +113,7 @@ class AdamixLoraLinear(LoraLinear):
     def add_delta(self, result, z):
         A, B = stacked(self.lora_A), stacked(self.lora_B)
         delta = over_views(self, z, lambda part, i, j: F.linear(F.linear(part, expert(A, i)), expert(B, j)))
-        return result + (delta * self.scaling).to(result.dtype)
+        return add_rounded_once(result, delta * self.scaling)
 
     def merged(self) -> LoraLinear:
         """A plain LoRA with each expert set averaged: with shared B, exactly the mean of the experts' dW."""

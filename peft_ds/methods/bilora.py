@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraLinear
+from .lora import LoraLinear, add_rounded_once
 from .sibo import InitialResidual, branch_input
 
 LAMBDA_FORMS = ("softmax", "real", "binary")
@@ -56,7 +56,7 @@ class BiLoraLinear(nn.Module):
         result = self.base_layer(x)
         z = self.dropout(branch_input(self._initial_residual, x).to(self.bilora_P.dtype))
         h = F.linear(z, self.bilora_Q) * (self.lam() * self.scaling)
-        return result + F.linear(h, self.bilora_P).to(result.dtype)
+        return add_rounded_once(result, F.linear(h, self.bilora_P))
 
     def fold(self) -> LoraLinear:
         """A plain LoRA with identical outputs (`folded_weights`), same r and alpha."""

@@ -16,6 +16,12 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     return (lora_B.float() @ lora_A.float()) * scaling
 
 
+def add_rounded_once(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """result + delta, computed in the wider dtype and rounded once to result's (a bf16 backbone's
+    output plus an fp32 branch), as HF PEFT and the official SIBO code add a branch."""
+    return (result + delta).to(result.dtype)
+
+
 class LoraLinear(nn.Module):
     """Wraps a frozen nn.Linear:  y = W x + s * B A dropout(x~),  s = alpha / r  (LoRA Eq. 3).
 
@@ -36,11 +42,13 @@ class LoraLinear(nn.Module):
         self._initial_residual = initial_residual
 
     def add_delta(self, result: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """result + s * B A z, with s applied to the r-wide intermediate and the addition fused into
-        the last matmul (one pass less over the layer's output than PEFT's order of operations)."""
+        """result + s * B A z. In fp32: s on the r-wide intermediate and the addition fused into the last
+        matmul (one pass less over the layer's output than PEFT's order; they differ by fp32 rounding).
+        With 16-bit weights (a bf16 backbone with an fp32 adapter, or both bf16 under DeepSpeed): PEFT's
+        order, (B A z) s in the adapter's dtype added with one rounding, bit for bit PEFT's output."""
+        if not result.dtype == z.dtype == torch.float32:
+            return add_rounded_once(result, F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scaling)
         h = F.linear(z, self.lora_A) * self.scaling
-        if h.dtype != result.dtype:
-            return result + F.linear(h, self.lora_B).to(result.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return out.view(result.shape)
 
