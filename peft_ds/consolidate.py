@@ -300,9 +300,31 @@ def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
                               f"{base_dir}")
 
 
+# What a merged model takes from the base beside its merged safetensors shards: configuration,
+# tokenizer (tokenizer.*) and generation files. Anything else, above all weights in another format
+# (pytorch_model-*.bin, *.pt, ...), would sit unmerged beside the merged weights: it is left out.
+BASE_FILES_KEPT = ("config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def base_files(base_dir: str) -> tuple[list[str], list[str]]:
+    """(files a merged model copies from the base, entries it leaves out), weight shards excluded."""
+    shards = set(_base_shards(base_dir))
+    kept, left_out = [], []
+    for entry in sorted(os.listdir(base_dir)):
+        if entry in shards:
+            continue
+        is_kept = os.path.isfile(os.path.join(base_dir, entry)) and (
+            entry in BASE_FILES_KEPT or entry.startswith("tokenizer"))
+        (kept if is_kept else left_out).append(entry)
+    return kept, left_out
+
+
 def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, progress) -> int:
-    """Copy of the base model directory with W + s B A in every adapted weight, one shard in memory at
-    a time. Returns the number of merged weights."""
+    """Copy of the base model directory (its configuration, tokenizer and generation files,
+    `base_files`) with W + s B A in every adapted weight, one shard in memory at a time. Returns the
+    number of merged weights."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -311,10 +333,8 @@ def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, p
     pending = {name.removesuffix(".lora_A"): name for name in state if name.endswith(".lora_A")}
     scaling = spec.alpha / spec.r
     merged = 0
-    for entry in sorted(os.listdir(base_dir)):
-        source = os.path.join(base_dir, entry)
-        if os.path.isfile(source) and not entry.endswith(".safetensors"):
-            shutil.copyfile(source, os.path.join(out_dir, entry))
+    for entry in base_files(base_dir)[0]:
+        shutil.copyfile(os.path.join(base_dir, entry), os.path.join(out_dir, entry))
     for shard in _base_shards(base_dir):
         weights = {}
         with safe_open(os.path.join(base_dir, shard), "pt") as f:
@@ -395,9 +415,14 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
                              disable=not progress, dynamic_ncols=True)
             written = _merge_into_base(state, spec, merge_into_base, staging, merge_bar)
             merge_bar.close()
+            left_out = base_files(merge_into_base)[1]
+            if left_out:
+                notes.append(f"left out of the merged model (not configuration, tokenizer or safetensors weights): "
+                             f"{', '.join(left_out)}")
             with open(os.path.join(staging, "peft_ds_merge.json"), "w") as f:
                 json.dump({"peft_ds_version": __version__, "base_model": os.path.abspath(merge_into_base),
-                           "peft_spec": spec.to_dict(), "source": source, "merged_weights": written}, f, indent=2)
+                           "peft_spec": spec.to_dict(), "source": source, "merged_weights": written,
+                           "base_files_left_out": left_out}, f, indent=2)
         elif fmt == "peft":
             adapter_io.write_peft(state, staging, spec, base_model, dtype)
         else:

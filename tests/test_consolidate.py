@@ -179,6 +179,30 @@ def test_merge_into_base_loads_with_plain_transformers(runs, base_dirs, name, mo
                                rtol=1e-4, atol=1e-4)
 
 
+def test_merge_into_base_leaves_out_other_weights(runs, base_dirs, tmp_path):
+    """A base directory with .bin weights too (as many LLaMA-7B directories have): the merged model has
+    only the merged safetensors, configuration, tokenizer and generation files; the rest is named."""
+    base = tmp_path / "base"
+    shutil.copytree(base_dirs["tiny-llama"], base)
+    stale = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+             "README.md"]
+    for name in stale:
+        (base / name).write_bytes(b"unmerged")
+    (base / "original").mkdir()
+    (base / "original" / "consolidated.00.pth").write_bytes(b"unmerged")
+    (base / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}')
+    r = consolidate(runs[("llama_lora", 2)], "--out", tmp_path / "merged", "--merge-into-base", base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = sorted(os.listdir(tmp_path / "merged"))
+    assert not set(stale + ["original"]) & set(merged)
+    assert {"config.json", "generation_config.json", "tokenizer.model", "model.safetensors",
+            "peft_ds_merge.json"} <= set(merged)
+    assert all(name.endswith(".json") or name in ("tokenizer.model", "model.safetensors") for name in merged), merged
+    assert "left out of the merged model" in r.stdout and all(name in r.stdout for name in stale + ["original"])
+    with open(tmp_path / "merged" / "peft_ds_merge.json") as f:
+        assert sorted(json.load(f)["base_files_left_out"]) == sorted(stale + ["original"])
+
+
 def test_load_adapter_keeps_sibo_for_generation(runs, tmp_path):
     run_dir = runs[("llama_lora_sibo", 2)]
     run_ok(run_dir, "--out", tmp_path / "native")
