@@ -3,6 +3,7 @@ checkpointing, generate() with and without KV cache, padding, no state between f
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -161,6 +162,52 @@ def test_gradient_checkpointing_same_loss_and_grads(name, method, reentrant):
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
     assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
+
+
+def _layer_forwards(variant, inner, calls):
+    """A decoder layer's forward as another transformers version might wrap it: a checkpointing wrapper
+    under another name than today's, or no wrapper at all. `calls` counts runs of the layer's body."""
+    def body(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return inner(self, *args, **kwargs)
+
+    def checkpointing_wrapper(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(functools.partial(body, self, **kwargs), *args)
+        return body(self, *args, **kwargs)
+
+    return {"renamed-wrapper": checkpointing_wrapper, "no-wrapper": body}[variant]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("variant", ["renamed-wrapper", "no-wrapper"])
+def test_checkpointing_needs_no_transformers_internals(name, variant, monkeypatch):
+    """SIBO's h0 under activation checkpointing relies on the layer's `gradient_checkpointing` flag and
+    `_gradient_checkpointing_func` only, not on how transformers wraps a layer's forward: with either
+    form, same loss and gradients as without checkpointing, and each layer's body runs exactly twice
+    (the forward and one recomputation: never checkpointed twice)."""
+    spec = peft_ds.PeftSpec(method="lora", r=4, alpha=8, dropout=0.0, sibo_lambda=LAM, sibo_learnable=True)
+    layer_cls = type(tiny(name).get_submodule(ARCHITECTURES[tiny(name).config.model_type].layers)[0])
+    inner = getattr(layer_cls.forward, "__wrapped__", layer_cls.forward)  # the body beneath today's wrapper
+    calls = []
+    monkeypatch.setattr(layer_cls, "forward", _layer_forwards(variant, inner, calls))
+    results = []
+    for checkpointing in (False, True):
+        model = peft_ds.apply_peft(tiny(name), spec)
+        randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids, mask = random_batch(pad_left=[3, 0])
+        calls.clear()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        assert len(calls) == model.config.num_hidden_layers * (2 if checkpointing else 1)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys()
     for n in grads_a:
         assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
 

@@ -101,32 +101,43 @@ def _blend_input_hook(module, args):
     return (module._initial_residual.blend(args[0]),) + tuple(args[1:])
 
 
-def _unwrapped_forward(layer_cls):
-    """The layer's own forward, beneath transformers' checkpointing wrapper (we checkpoint instead)."""
-    forward = layer_cls.forward
-    if getattr(forward, "__code__", None) is not None and forward.__code__.co_name == "forward_with_checkpointing":
-        return forward.__wrapped__
-    return forward
+# Cache arguments that a checkpointed layer must not write twice (names differ between layers and
+# transformers versions); `use_cache` is turned off likewise, as transformers does under checkpointing.
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _run_layer(layer, inner, kwargs, h0, *args):
-    with layer._initial_residual.active(h0, layer_lambda(layer)):
-        return inner(layer, *args, **kwargs)
+@contextlib.contextmanager
+def _own_checkpointing(layer):
+    """transformers' checkpointing of this layer switched off while peft-ds checkpoints it: whatever
+    transformers wraps around a layer's forward (a wrapper, a `__call__`, nothing) reads only the
+    layer's documented `gradient_checkpointing` flag, so the layer runs as is, never checkpointed twice."""
+    enabled = layer.__dict__.get("gradient_checkpointing")
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        if enabled is None:
+            del layer.gradient_checkpointing
+        else:
+            layer.gradient_checkpointing = enabled
+
+
+def _run_layer(layer, kwargs, h0, *args):
+    with layer._initial_residual.active(h0, layer_lambda(layer)), _own_checkpointing(layer):
+        return type(layer).forward(layer, *args, **kwargs)
 
 
 def _layer_forward(self, *args, **kwargs):
+    """The decoder layer's forward with h0 active. Checkpointed (when transformers would checkpoint it)
+    with h0 as an argument of the checkpointed function, so the recomputation in backward sees it too."""
     h0 = self._initial_residual.current_h0()
-    inner = _unwrapped_forward(type(self))
-    if getattr(self, "gradient_checkpointing", False) and self.training:
-        # Same cache rules as transformers' GradientCheckpointingLayer.
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
-        for name in ("past_key_values", "layer_past"):
-            if kwargs.get(name) is not None and not getattr(self, "_can_checkpoint_with_cache", False):
-                kwargs[name] = None
-        run = functools.partial(_run_layer, self, inner, kwargs)
-        return self._gradient_checkpointing_func(run, h0, *args)
-    return _run_layer(self, inner, kwargs, h0, *args)
+        if not getattr(self, "_can_checkpoint_with_cache", False):
+            kwargs.update({name: None for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None})
+        return self._gradient_checkpointing_func(functools.partial(_run_layer, self, kwargs), h0, *args)
+    return _run_layer(self, kwargs, h0, *args)
 
 
 def attach(embedding: nn.Module, base_model: nn.Module, layers, whole_input_sites, residual: InitialResidual):
