@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 
 from .errors import PeftDsError
+
+
+def op_cache_per_environment(env=os.environ) -> str | None:
+    """Where DeepSpeed's JIT-compiled CPU ops (the shm collective op) are kept: TORCH_EXTENSIONS_DIR,
+    which torch defaults to ~/.cache/torch_extensions, shared by every environment of the user, so two
+    environments with different torch or DeepSpeed builds rebuild the op in turn (45-180 s each on 2
+    cores). Unless the user chose a place, keep it inside this environment (sys.prefix, a venv), so
+    it is compiled once per environment. Set at import of peft_ds; ranks inherit it."""
+    if "TORCH_EXTENSIONS_DIR" not in env and os.access(sys.prefix, os.W_OK):
+        env["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return env.get("TORCH_EXTENSIONS_DIR")
 
 
 def _free_port() -> int:

@@ -134,3 +134,20 @@ def test_bf16_on_cpu_trains(tmp_path):
     assert sum(curve[s] for s in (7, 8)) < sum(curve[s] for s in (1, 2))
     trained = adapter(out)
     assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B"))  # B left its zero init
+
+
+def test_deepspeed_op_is_compiled_once_inside_this_environment(runs, tmp_path):
+    """The 2-rank runs above built (or found) DeepSpeed's shm op under this environment's prefix, not
+    in ~/.cache/torch_extensions that every environment shares; a user's TORCH_EXTENSIONS_DIR wins."""
+    import subprocess
+    import sys
+
+    ours = os.path.join(sys.prefix, "torch_extensions")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    show = [sys.executable, "-c", "import os, peft_ds; print(os.environ['TORCH_EXTENSIONS_DIR'])"]
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == ours
+    chosen = str(tmp_path / "mine")
+    assert subprocess.run(show, env={**env, "TORCH_EXTENSIONS_DIR": chosen}, capture_output=True, text=True,
+                          check=True).stdout.strip() == chosen
+    if os.environ["TORCH_EXTENSIONS_DIR"] == ours:  # not overridden by whoever runs the suite
+        assert glob.glob(os.path.join(ours, "**", "deepspeed_shm_comm*.so"), recursive=True)
