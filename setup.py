@@ -15,10 +15,12 @@ setup(
     packages=find_packages(include=["peft_ds", "peft_ds.*"]),
     package_data={"peft_ds": ["assets/*", "assets/eval/*/*.json"]},
     python_requires=">=3.10",
+    # The ranges the test suite ran on (constraints.txt pins the exact point CI installs): upper bounds on
+    # the majors, and on DeepSpeed's minor (its 0.x minor releases change ZeRO-3 internals we read).
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.19.3",  # ZeRO-3 + activation checkpointing with frozen parameters (DeepSpeed PR #8148)
-        "transformers>=4.56",
+        "torch>=2.13,<3",
+        "deepspeed>=0.19.8,<0.20",  # ZeRO-3 + activation checkpointing with frozen parameters (DeepSpeed PR #8148)
+        "transformers>=5.24,<6",
         "datasets",
         "sentencepiece",
         "safetensors",
