@@ -12,11 +12,17 @@
 #   NNODES          nodes (SLURM_JOB_NUM_NODES, else 1)
 #   PYTHON          the Python that has peft-ds (python3)
 #   MASTER_PORT     rendezvous port (derived from SLURM_JOB_ID, else 29500)
-#   DS_LAUNCHER     deepspeed mode: pdsh (default) | mpich | openmpi | slurm
+#   DS_LAUNCHER     deepspeed mode: slurm (default inside a Slurm job: the ranks are srun tasks) |
+#                   pdsh (default outside) | mpich | openmpi
 #   HOSTFILE        deepspeed mode: the hostfile to use (written by launcher/hostfile.sh under Slurm)
 #   DEEPSPEED_ARGS  deepspeed mode: extra launcher arguments, e.g. "--no_ssh_check" or "--venv_script V"
 #   MPIRUN_ARGS     mpi mode: extra mpirun arguments ("-ppn GPUS_PER_NODE", MPICH's; Open MPI: "--map-by ppr:8:node")
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  torchrun mode: seconds torchrun waits for its ranks to save and exit
+#                   after SIGUSR1/SIGTERM (or for the others after one failed) before it kills them (240)
 # Exit code: the ranks' (75: stopped on a signal after saving a checkpoint; requeue and resume).
+# Preemption: SIGUSR1 or SIGTERM to the job step (Slurm's --signal=USR1@300, scancel --signal=USR1) reaches
+# every rank in srun, torchrun (which forwards it and waits), deepspeed with DS_LAUNCHER=slurm and mpi
+# with MPICH's mpirun; each rank saves at the next step boundary and exits 75.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +33,7 @@ LAUNCH_MODE=${LAUNCH_MODE:-srun}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}}
 PYTHON=${PYTHON:-python3}
-DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
+if [ -n "${SLURM_JOB_ID:-}" ]; then DS_LAUNCHER=${DS_LAUNCHER:-slurm}; else DS_LAUNCHER=${DS_LAUNCHER:-pdsh}; fi
 case "$LAUNCH_MODE" in
   srun|torchrun|deepspeed|mpi) ;;
   *) die "unknown LAUNCH_MODE '$LAUNCH_MODE' (srun, torchrun, deepspeed or mpi)" ;;
@@ -57,12 +63,16 @@ case "$LAUNCH_MODE" in
       "$PYTHON" -m peft_ds train "$@" ;;
   torchrun)
     # One torchrun per node, fixed node ranks (the c10d rendezvous form is less reliable at exit).
+    # torchrun dies on SIGUSR1 unless told to handle it: it then sends it on to its ranks and waits
+    # up to the shutdown timeout for them to save and exit.
     # SLURM_NODEID is read by each task (single quotes), not by this shell.
     # shellcheck disable=SC2016
     exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
       bash -c 'exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" --node_rank "$SLURM_NODEID" \
-               --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m peft_ds train "${@:3}"' \
-      "$PYTHON" "$NNODES" "$GPUS_PER_NODE" "$@" ;;
+               --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+               --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$3" \
+               -m peft_ds train "${@:4}"' \
+      "$PYTHON" "$NNODES" "$GPUS_PER_NODE" "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}" "$@" ;;
   deepspeed)
     HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/peft_ds_hostfile.${SLURM_JOB_ID:-$$}}
     if [ -n "${SLURM_JOB_ID:-}" ]; then
@@ -70,6 +80,12 @@ case "$LAUNCH_MODE" in
     fi
     [ -f "$HOSTFILE" ] || die "deepspeed mode outside Slurm needs HOSTFILE (lines 'host slots=N')"
     read -r -a deepspeed_args <<< "${DEEPSPEED_ARGS:-}"
+    if [ "$DS_LAUNCHER" = slurm ]; then
+      # srun starts every rank as a task (peft-ds finds them from SLURM_PROCID), so the preemption
+      # signal reaches them as in srun mode; --force_multi: srun on one node too, no ssh anywhere.
+      deepspeed_args=(--force_multi --no_ssh_check --launcher_args
+                      "--kill-on-bad-exit=1 --nodes=$NNODES --ntasks-per-node=$GPUS_PER_NODE" "${deepspeed_args[@]}")
+    fi
     # A script path, not --module: the launcher's mpich/openmpi runners mangle --module.
     exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" \
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${deepspeed_args[@]}" \

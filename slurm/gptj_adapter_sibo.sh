@@ -13,7 +13,7 @@
 # Submit from the peft-ds checkout:  sbatch slurm/gptj_adapter_sibo.sh
 # Settings (environment variables; defaults after the colon), documented in slurm/README.md:
 #   MODEL_PATH     local Hugging Face model directory  : /path/to/gpt-j-6b
-#   DATA_PATH      training JSON (LLM-Adapters format)  : data/math_10k.json
+#   DATA_PATH      training JSON (LLM-Adapters format)  : unset, the run config's data.train_file
 #   OUTPUT_DIR     run directory (checkpoints, adapter) : runs/gptj_adapter_sibo
 #   RUN_CONFIG     run config YAML                      : configs/gptj_adapter_sibo.yaml
 #   DS_CONFIG      DeepSpeed config                     : ds_configs/zero3_bf16.json
@@ -31,11 +31,10 @@
 # export PEFT_DS_DIST_TIMEOUT=30           # minutes any collective may wait (a lost rank ends the job)
 set -euo pipefail
 MODEL_PATH=${MODEL_PATH:-/path/to/gpt-j-6b}
-DATA_PATH=${DATA_PATH:-data/math_10k.json}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/gptj_adapter_sibo}
 RUN_CONFIG=${RUN_CONFIG:-configs/gptj_adapter_sibo.yaml}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-export MODEL_PATH DATA_PATH OUTPUT_DIR RUN_CONFIG DS_CONFIG
+export MODEL_PATH OUTPUT_DIR RUN_CONFIG DS_CONFIG
 # sbatch runs a copy of this script: the checkout is where it was submitted from (or PEFT_DS_HOME).
 PEFT_DS_HOME=${PEFT_DS_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 [ -f "$PEFT_DS_HOME/launcher/slurm_job.sh" ] ||

@@ -1,7 +1,8 @@
 """Multi-node launch on a real Slurm cluster of two "nodes" started here (tests/slurm_cluster.py):
-the real slurm/ scripts under `sbatch`, preemption and requeue, a killed rank, misuse; and the same
-run through every launch path (srun, torchrun --nnodes 2, the deepspeed launcher with a two-entry
-hostfile, mpirun -n 2) giving the same adapter. Rank discovery unit tests; shellcheck."""
+the real slurm/ scripts under `sbatch`, preemption and requeue in every launch mode (srun, torchrun
+--nnodes 2, the deepspeed launcher's slurm backend, mpirun), a killed rank, misuse; and the same run
+through the deepspeed launcher with a two-entry hostfile and mpirun -n 2 outside Slurm, each giving the
+same adapter. Rank discovery unit tests; shellcheck."""
 
 import os
 import re
@@ -13,6 +14,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from launch import MATH, ROOT, adapter
 from slurm_cluster import SlurmCluster, available
 
@@ -71,14 +73,32 @@ def wait_for_step(output_dir, step, timeout=600):
     raise TimeoutError(f"no step {step} in {path}")
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def wait_for_end(cluster, job_id, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = cluster.job_state(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if state in ENDED:
             return state
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} still {cluster.job_state(job_id)} after {timeout} s")
+
+
+def start_requeued_now(cluster, job_id, timeout=600):
+    """Slurm holds a requeued job for about 2 minutes (Reason=BeginTime): start it as soon as it is held."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True, text=True)
+        fields = r.stdout.split()
+        if "JobState=PENDING" in fields and "Restarts=0" not in fields:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
+                           capture_output=True)
+            return
+        if any(f"JobState={state}" in fields for state in ENDED):
+            return  # ended without a requeue: the caller's checks say what went wrong
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +140,6 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)
 
 
-def test_torchrun_two_nodes_equals_srun(cluster, flagship, tmp_path):
-    code, log = sbatch_wait(cluster, "slurm/llama13b_lora_sibo.sh",
-                            job_env(cluster.env, tmp_path / "run", LAUNCH_MODE="torchrun"), str(tmp_path / "job.out"))
-    assert code == 0, log[-5000:]
-    assert "launch.sh: torchrun, 2 node(s)" in log and "world size 2 over 2 nodes" in log
-    assert_same_weights(adapter(tmp_path / "run"), adapter(flagship[0]))
-
-
 def launch_outside_slurm(mode, tmp_path, **extra):
     """launcher/launch.sh with the flagship's run config, on this machine (no Slurm allocation)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -161,13 +173,35 @@ def test_mpirun_with_mpi4py_discovery_equals_srun(flagship, tmp_path):
 # ---- preemption, failure, misuse -------------------------------------------------------------------------
 
 
-def test_signal_saves_requeues_and_resumes_to_the_same_weights(cluster, flagship, tmp_path):
+def own_run_config(path, train_file):
+    """The flagship's run config with its own data.train_file, as a job's RUN_CONFIG."""
+    with open(os.path.join(ROOT, "configs", "llama13b_lora_sibo.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["data"]["train_file"] = train_file
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["srun", "torchrun", "deepspeed", "mpi"])
+def test_signal_saves_requeues_and_resumes_to_the_same_weights(cluster, flagship, tmp_path, mode):
+    """Each launch mode under Slurm, signalled mid-run: the weights of the uninterrupted srun job (so this is
+    also the test that torchrun --nnodes 2, the deepspeed launcher's slurm backend and mpirun under Slurm
+    train the same adapter as srun)."""
+    env = job_env(cluster.env, tmp_path / "run", LAUNCH_MODE=mode)
+    if mode == "deepspeed":  # also a job with its own run config and DATA_PATH unset: it trains on the config's data
+        del env["DATA_PATH"]
+        env["RUN_CONFIG"] = own_run_config(tmp_path / "run.yaml", MATH)
     log = str(tmp_path / "job.out")
-    job = submit(cluster, "slurm/llama13b_lora_sibo.sh", job_env(cluster.env, tmp_path / "run"), log)
+    job = submit(cluster, "slurm/llama13b_lora_sibo.sh", env, log)
     wait_for_step(tmp_path / "run", 2)
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, check=True)  # what --signal=USR1@300 sends
+    start_requeued_now(cluster, job)
     assert wait_for_end(cluster, job, timeout=900) == "COMPLETED", open(log).read()[-5000:]
     text = open(log).read()
+    assert f"launch.sh: {mode}, 2 node(s)" in text and "world size 2 over 2 nodes" in text, text[-5000:]
+    if mode == "deepspeed":
+        assert "cmd = srun" in text, text[-5000:]  # the launcher's slurm backend, the default under Slurm
     assert "requeueing job" in text and "restart 1" in text and "resumed from" in text, text[-5000:]
     assert_same_weights(adapter(tmp_path / "run"), adapter(flagship[0]))
     assert (tmp_path / "run" / "consolidated" / "adapter.safetensors").is_file()
@@ -195,6 +229,8 @@ def test_killed_rank_fails_the_job(cluster, tmp_path):
     ({"MODEL_PATH": ""}, "MODEL_PATH=/path/to/llama-13b-hf does not exist"),  # unset: the script's placeholder
     ({"MODEL_PATH": "/nonexistent/llama-13b-hf"}, "MODEL_PATH=/nonexistent/llama-13b-hf does not exist"),
     ({"GPUS_PER_NODE": "3"}, "GPUS_PER_NODE=3"),
+    ({"LAUNCH_MODE": "deepspeed", "DS_LAUNCHER": "mpich"},  # the script has --requeue
+     "LAUNCH_MODE=deepspeed with DS_LAUNCHER=mpich cannot save and requeue on the preemption signal"),
 ])
 def test_misuse_fails_early_with_a_clear_message(cluster, tmp_path, change, message):
     started = time.time()
@@ -204,6 +240,15 @@ def test_misuse_fails_early_with_a_clear_message(cluster, tmp_path, change, mess
     assert message in log, log[-3000:]
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
     assert time.time() - started < 120
+
+
+def test_data_path_unset_means_the_run_configs_data(cluster, tmp_path):
+    config = own_run_config(tmp_path / "run.yaml", "/nonexistent/own.json")
+    env = job_env(cluster.env, tmp_path / "run", RUN_CONFIG=config)
+    del env["DATA_PATH"]  # unset: the run config's train_file, which the job's check then finds missing
+    code, log = sbatch_wait(cluster, "slurm/llama13b_lora_sibo.sh", env, str(tmp_path / "job.out"))
+    assert code == 2, log[-3000:]
+    assert "data file /nonexistent/own.json does not exist" in log and "math_10k" not in log, log[-3000:]
 
 
 # ---- pieces --------------------------------------------------------------------------------------------
@@ -250,4 +295,7 @@ def test_every_script_documents_its_settings():
         for variable in ("MODEL_PATH", "DATA_PATH", "OUTPUT_DIR", "RUN_CONFIG", "DS_CONFIG", "GPUS_PER_NODE",
                          "LAUNCH_MODE", "EXTRA_ARGS"):
             assert f"#   {variable}" in text, (name, variable)
+        # DATA_PATH has no default of its own: unset, the run config's train_file is used
+        assert re.search(r"^#   DATA_PATH .*: unset, the run config's data.train_file$", text, re.M), name
+        assert not re.search(r"^\s*(export )?DATA_PATH=", text, re.M), name
         assert os.path.isfile(os.path.join(ROOT, "configs", name.replace(".sh", ".yaml")))
