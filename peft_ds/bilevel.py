@@ -1,20 +1,23 @@
 """BiLoRA's bi-level schedule in the training loop (SPEC 2.5), under DeepSpeed ZeRO-3 or without ZeRO.
 
 Each global step runs T1 lower steps (P, Q and every other non-E adapter parameter, on D1 batches,
-loss C + gamma1 R1) and then T2 upper steps (E, on D2 batches, loss C + gamma2 H(lam) for the binary
-form), each an optimizer step of its own. One DeepSpeed engine holds both levels: `LevelAdamW` keeps
-them in two parameter groups (lr and upper_lr) and steps only the active one, and before each step the
-other level's gradients are zeroed, so gradient clipping sees the active level alone (as two
-optimisers would). E's gradient is reduced across ranks like any other gradient.
+loss `bilora.lower_objective`: C + gamma1 R1) and then T2 upper steps (E, on D2 batches, loss
+C + gamma2 H(lam) for the binary form), each an optimizer step of its own. One DeepSpeed engine holds
+both levels: `LevelAdamW` keeps them in two parameter groups (lr and upper_lr) and steps only the
+active one, and before each step the other level's gradients are zeroed, so gradient clipping sees
+the active level alone (as two optimisers would). E's gradient is reduced across ranks like any other gradient.
 
 The upper step's gradient (`hypergradient`):
 - first_order: g = dL2/dE on the D2 batch;
 - darts (Betty's, SPEC 2.5): v = dL2/dV from the same backward, eps = 0.01 / ||v||, then the last D1
   batch again at V + eps v and V - eps v with the same dropout masks, their E-gradients accumulated
   with weights -xi/(2 eps) and +xi/(2 eps) into E's gradient: g + xi (g- - g+) / (2 eps). V is
-  perturbed through GatheredParameters (ZeRO-3 re-partitions the edited values) and restored exactly;
+  perturbed through GatheredParameters (ZeRO-3 re-partitions the edited values) and restored exactly.
+  xi (`darts_xi`) is DARTS's virtual step: 1 (default) is Betty's darts, which has no xi; the lower lr
+  is DARTS's second-order approximation (`bilora.darts_hypergradient`);
 - exact: autograd through the T1 unrolled SGD steps of this global step from its starting V (lr = the
-  lower lr), on one unsharded rank only (`peft_ds.methods.bilora.exact_hypergradient`).
+  lower lr) on the same lower objective C + gamma1 R1, on one unsharded rank only
+  (`peft_ds.methods.bilora.exact_hypergradient`).
 
 R1 and H(lam) do not pass through any module output, so under ZeRO-3 their graphs would meet released
 (partitioned) parameters in backward; their gradients are computed on gathered copies instead and
@@ -109,12 +112,10 @@ def _add_grad(p, value: torch.Tensor | None) -> None:
         p.grad.add_(value.to(p.grad.dtype))
 
 
-def _regulariser_grads(params, fn) -> tuple[float, list[torch.Tensor]]:
-    """(value, gradients) of fn(*full parameter values) on detached gathered copies."""
+def _gathered_copies(params) -> list[torch.Tensor]:
+    """Detached fp32 copies of the full parameter values, requiring grad (collective under ZeRO-3)."""
     with _gathered(params):
-        copies = [p.detach().float().clone().requires_grad_(True) for p in params]
-    value = fn(*copies)
-    return float(value.detach()), list(torch.autograd.grad(value, copies))
+        return [p.detach().float().clone().requires_grad_(True) for p in params]
 
 
 # ---- the schedule -----------------------------------------------------------------------------
@@ -175,12 +176,18 @@ class BilevelObjective(Objective):
         return total
 
     def _lower_step(self, engine, feed_step, after_backward=None) -> dict:
-        """P, Q (E fixed) on a D1 batch: C + gamma1 R1."""
+        """P, Q (E fixed) on a D1 batch, minimising `bilora.lower_objective` (C + gamma1 R1): C's gradient
+        from the micro-batches' backward, the rest from the same objective at C = 0 on gathered P, Q."""
         loss_sum = self._forward_backward(engine, feed_step, after_backward=after_backward)
-        r1 = self._add_regulariser(self._orthogonal_pairs(), bilora.orthogonality_of, self.spec.gamma1)
+        pairs = self._orthogonal_pairs()
+        copies = _gathered_copies(pairs)
+        rest, r1 = bilora.lower_objective(torch.zeros(()), copies, self.spec.gamma1)
+        if self.spec.gamma1 > 0:
+            for p, g in zip(pairs, torch.autograd.grad(rest, copies)):
+                _add_grad(p, g)
         self._step(engine, LOWER)
         tokens = sum(float(b["attention_mask"].sum()) for b in feed_step.batches)
-        return {"loss_sum": loss_sum, "tokens": tokens, "r1": r1}
+        return {"loss_sum": loss_sum, "tokens": tokens, "r1": float(r1)}
 
     def _upper_step(self, engine, d2_step, lower_batches, start) -> float:
         """E on a D2 batch: C + gamma2 H(lam), with the configured hypergradient."""
@@ -210,8 +217,9 @@ class BilevelObjective(Objective):
         self._set_lower(saved)
 
     def _exact_gradient(self, engine, d2_step, lower_batches, start) -> float:
-        """E.grad = d L2(V_T(E), E) / dE through this global step's T1 SGD steps from `start`; returns
-        the sum of the D2 micro-batch losses at the current V (for the log)."""
+        """E.grad = d L2(V_T(E), E) / dE through this global step's T1 SGD steps of the lower objective
+        (C + gamma1 R1, as the lower steps) from `start`; returns the sum of the D2 micro-batch losses at
+        the current V (for the log)."""
         model, lr = engine.module, self.scheduler.get_last_lr()[0]
 
         def mean_loss(feed_step):
@@ -227,7 +235,8 @@ class BilevelObjective(Objective):
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
             grads = bilora.exact_hypergradient(model, self.lower, self.upper, [mean_loss(b) for b in lower_batches],
-                                               mean_loss(d2_step), lr, start=start)
+                                               mean_loss(d2_step), lr, gamma1=self.spec.gamma1,
+                                               start=start)
         for p, g in zip(self.upper, grads):
             p.grad = g.detach().clone()
         with torch.no_grad():
@@ -236,15 +245,16 @@ class BilevelObjective(Objective):
     # ---- helpers ----
 
     def _orthogonal_pairs(self):
-        return [p for m in self.modules for p in (m.bilora_P, m.bilora_Q)]
+        return bilora.orthogonal_pairs(self.model)
 
     def _add_regulariser(self, params, fn, weight: float) -> float:
         """weight * d fn / d params added to their gradients; returns fn's value."""
-        value, grads = _regulariser_grads(params, fn)
+        copies = _gathered_copies(params)
+        value = fn(*copies)
         if weight > 0:
-            for p, g in zip(params, grads):
+            for p, g in zip(params, torch.autograd.grad(value, copies)):
                 _add_grad(p, weight * g)
-        return value
+        return float(value.detach())
 
     def _set_lower(self, values) -> None:
         with _gathered(self.lower, modify=True), torch.no_grad():

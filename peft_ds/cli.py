@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune adapters on a frozen backbone under DeepSpeed ZeRO-3",
                        description="Train with a YAML run config (see configs/). Under torchrun, the deepspeed "
-                       "launcher or launcher/, every rank runs this; --nproc N starts N local ranks itself.")
+                       "launcher or launcher/, every rank runs this; --nproc N starts N local ranks itself.",
+                       epilog="BiLoRA: method.hypergradient = darts (default), first_order or exact. "
+                       "method.darts_xi is DARTS's virtual step xi in darts' E.grad = g + xi (g- - g+)/(2 eps): "
+                       "1 (default) is Betty's darts, as the authors' code runs it; train.lr gives DARTS's "
+                       "second-order approximation, the hypergradient through one unrolled lower step, whose "
+                       "implicit term is lr times the default's (README, BiLoRA).")
     p.add_argument("config", help="run config YAML (e.g. configs/demo_tiny_llama_lora_sibo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set train.lr=1e-4")

@@ -46,6 +46,9 @@ class PeftSpec:
     split_ratio: float = 0.8
     upper_lr: float | None = None
     hypergradient: str = "darts"
+    # darts' E.grad = g + xi (g- - g+) / (2 eps) ~ g - xi d2L1/dEdV v: xi is DARTS's virtual step. 1 is
+    # Betty's darts, which has no xi and which the authors' code runs; train.lr is DARTS's second-order
+    # approximation, the hypergradient through one unrolled lower step (an implicit term lr times as large)
     darts_xi: float = 1.0
     extra: dict = field(default_factory=dict, repr=False)  # reserved for later methods; must stay empty
 

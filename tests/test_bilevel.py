@@ -1,6 +1,7 @@
 """BiLoRA's bi-level loop (peft_ds/bilevel.py) on real DeepSpeed: 2-rank ZeRO-3 vs 1-rank, adapters
 partitioned or persisted; one rank against a pure-PyTorch reference of SPEC 2.5's schedule; level
-separation traced on every level step; exact on an unsharded rank; lam outputs."""
+separation traced on every level step; exact on an unsharded rank, its hypergradient against a
+pure-PyTorch unroll; lam outputs."""
 
 import json
 import os
@@ -58,9 +59,6 @@ def runs(tmp_path_factory):
     sharded = partitioned_ds_config(root / "zero3_partitioned.json")
     two.append(write_config(root / "llama-softmax-sibo-w2-partitioned.yaml", root / "llama-softmax-sibo-w2-partitioned",
                             method=BILORA["llama-softmax-sibo"][1], deepspeed=sharded, max_steps=STEPS))
-    exact = {**BILORA["llama-softmax"][1], "hypergradient": "exact", "dropout": 0.0}
-    one.append(write_config(root / "exact.yaml", root / "exact", method=exact, deepspeed="no_zero_cpu.json",
-                            max_steps=STEPS))
     torchrun(1, one)
     torchrun(2, two)
     return root
@@ -109,13 +107,92 @@ def test_logs_upper_loss_r1_lam_and_writes_the_lam_plot(runs):
     assert all(abs(sum(v) - 1) < 1e-5 for v in softmax.values())
 
 
-def test_exact_hypergradient_trains_on_one_unsharded_rank(runs):
-    state, curve = adapter(runs / "exact"), losses(runs / "exact")
-    assert set(curve) == set(range(1, STEPS + 1)) and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
+def launch(nproc, script, *args):
+    """One launch of `nproc` ranks of tests/`script` with `args`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "tests", script), *map(str, args)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+EXACT_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory):
+    """exact on 1 rank without ZeRO, T1 = 2 (the unroll chains two lower steps), constant lr, global
+    batch 4 = micro 2 x 2 (exact holds every step's graph: kept small); E's gradient at every upper step
+    and the adapter at every step's start recorded (tests/bilevel_record.py)."""
+    root = tmp_path_factory.mktemp("exact")
+    method = {**BILORA["llama-softmax"][1], "hypergradient": "exact", "dropout": 0.0, "T1": 2}
+    config = write_config(root / "exact.yaml", root / "exact", method=method, deepspeed="no_zero_cpu.json",
+                          max_steps=EXACT_STEPS, global_batch_size=4, schedule="constant")
+    launch(1, "bilevel_record.py", config, root / "record.pt")
+    return root
+
+
+def test_exact_hypergradient_trains_on_one_unsharded_rank(exact_run):
+    state, curve = adapter(exact_run / "exact"), losses(exact_run / "exact")
+    assert set(curve) == set(range(1, EXACT_STEPS + 1)) and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
     E = [v for k, v in state.items() if k.endswith("bilora_E")]
     assert all(e.abs().max() > 0 for e in E)  # E left its zero init: the upper level trained
-    # the hypergradient differs from darts' (another run of the same config): the mode is in force
-    assert relative_difference(state, adapter(runs / "llama-softmax-w1")) > 1e-4
+
+
+def unrolled_hypergradient(model, start, d1_steps, d2_step, lr, gamma1):
+    """d C(V_T, E; D2) / dE through T SGD steps V <- V - lr d(C + gamma1 R1)/dV on the D1 steps, from
+    the adapter values `start`; C the mean of the micro-batch losses. Plain torch.func, R1 by hand."""
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    E = {n: t.clone().requires_grad_(True) for n, t in start.items() if n.endswith("bilora_E")}
+    V = {n: t.clone().requires_grad_(True) for n, t in start.items() if n not in E}
+
+    def C(V, feed_step):
+        losses = [functional_call(model, {**V, **E}, (), batch).loss for batch in feed_step.batches]
+        return sum(losses) / len(losses)
+
+    def R1(V):
+        eye = torch.eye(BILORA["llama-softmax"][1]["r"])
+        return sum(((M.T @ M - eye) ** 2).sum() if n.endswith("bilora_P") else ((M @ M.T - eye) ** 2).sum()
+                   for n, M in V.items())
+
+    with sdpa_kernel(SDPBackend.MATH):  # as the loop: the fused kernels have no double backward
+        for d1_step in d1_steps:
+            grads = torch.autograd.grad(C(V, d1_step) + gamma1 * R1(V), list(V.values()), create_graph=True)
+            V = {n: v - lr * d for (n, v), d in zip(V.items(), grads)}
+        return dict(zip(E, torch.autograd.grad(C(V, d2_step), list(E.values()))))
+
+
+def test_exact_hypergradient_equals_a_pure_pytorch_unroll(exact_run):
+    """E's gradient as the loop hands it to the optimizer, at each of the 2 global steps, equals the
+    T1 = 2 step unroll of C + gamma1 R1 from that step's starting adapter, on that step's D1 and D2
+    batches, computed here (fp32, 1e-5 relative); the same unroll without R1 is off by far more."""
+    from peft_ds import bilevel, models
+    from peft_ds.config import load_config
+    from peft_ds.injection import apply_peft
+    from peft_ds.objective import Feed
+    from peft_ds.train import prepare
+
+    config = load_config(str(exact_run / "exact.yaml"), [f"output_dir={exact_run / 'unused'}"])
+    spec, t = config.method, config.train
+    assert all(row["lr"] == t.lr for row in rows(exact_run / "exact"))  # constant: every unroll used t.lr
+    run = prepare(config, 1)
+    d1, d2 = run["levels"]
+    feed = Feed(rank=0, world=1, accumulation=run["accumulation"], micro=t.micro_batch_size,
+                global_batch=t.global_batch_size, pad_id=run["tokenizer"].pad_token_id, seed=t.seed,
+                device=torch.device("cpu"))
+    model = apply_peft(models.build_model(config.model.name_or_path, dtype=torch.float32), spec).train()
+    record = torch.load(exact_run / "record.pt")
+    assert len(record) == EXACT_STEPS and all(len(r["upper_grads"]) == 1 for r in record)
+    for step, r in enumerate(record):
+        d1_steps = [feed.micro_batches(d1, step * spec.T1 + k, stream=bilevel.D1_STREAM) for k in range(spec.T1)]
+        d2_step = feed.micro_batches(d2, step, stream=bilevel.D2_STREAM)
+        expected = unrolled_hypergradient(model, r["start"], d1_steps, d2_step, t.lr, spec.gamma1)
+        got = r["upper_grads"][0]
+        assert got.keys() == expected.keys() and relative_difference(got, expected) <= 1e-5, step
+        if step == 0:
+            without_r1 = unrolled_hypergradient(model, r["start"], d1_steps, d2_step, t.lr, 0.0)
+            assert relative_difference(without_r1, expected) > 1e-3
 
 
 # ---- one rank against a pure-PyTorch reference of SPEC 2.5 ---------------------------------------
@@ -197,10 +274,7 @@ def trace(tmp_path_factory):
     root = tmp_path_factory.mktemp("trace")
     method = {"method": "bilora", "r": 4, "alpha": 8, "sibo_lambda": 0.2, "sibo_learnable": True, "T1": 2, "T2": 2}
     cfg = write_config(root / "trace.yaml", root / "out", method=method, max_steps=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(ROOT, "tests", "bilevel_trace.py"), cfg, str(root / "trace")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    launch(2, "bilevel_trace.py", cfg, root / "trace")
     from peft_ds.config import load_config
     from peft_ds.train import prepare
 

@@ -6,8 +6,9 @@ lam(E): softmax (default; E = 0 at init, so lam = 1/r), real (lam = E), binary (
 with gamma2 times the entropy H(lam) added to the upper loss). The lower level trains P and Q (and any
 other non-E adapter parameter) on D1 with gamma1 * R1; the upper level trains E on D2.
 
-Hypergradients for E (`hypergradient`): `darts` (Betty's finite-difference form, SPEC 2.5),
-`first_order` (the direct term only) and `exact` (autograd through T1 unrolled SGD steps)."""
+Hypergradients for E (`hypergradient`): `darts` (Betty's finite-difference form, SPEC 2.5; its xi is
+DARTS's virtual step), `first_order` (the direct term only) and `exact` (autograd through T1 unrolled
+SGD steps of the lower objective C + gamma1 R1, `lower_objective`)."""
 
 from __future__ import annotations
 
@@ -98,9 +99,21 @@ def entropy_of(*Es: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def orthogonal_pairs(model: nn.Module) -> list[nn.Parameter]:
+    """P_1, Q_1, P_2, Q_2, ... of the model's BiLoRA modules, as R1 takes them."""
+    return [p for m in modules(model) for p in (m.bilora_P, m.bilora_Q)]
+
+
 def orthogonality(model: nn.Module) -> torch.Tensor:
     """R1 over the model's BiLoRA modules."""
-    return orthogonality_of(*[p for m in modules(model) for p in (m.bilora_P, m.bilora_Q)])
+    return orthogonality_of(*orthogonal_pairs(model))
+
+
+def lower_objective(data_loss: torch.Tensor, P_and_Q, gamma1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, R1) with L1 = C(V, E; D1) + gamma1 R1(V), the paper's lower problem (SPEC 2.5): what every
+    lower step minimises and what `exact_hypergradient` unrolls. P_and_Q as `orthogonality_of` takes them."""
+    r1 = orthogonality_of(*P_and_Q)
+    return data_loss + gamma1 * r1, r1
 
 
 def entropy(model: nn.Module) -> torch.Tensor:
@@ -156,8 +169,11 @@ def _flat_norm(tensors) -> torch.Tensor:
 def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bool = False, xi: float = 1.0,
                         alpha: float = 0.01):
     """E's gradient: g = dL2/dE; for darts also v = dL2/dV, eps = alpha / ||v||, g+- = dL1/dE at
-    V +- eps v (lower_loss_fn: the lower loss on the last D1 batch), and g + xi (g- - g+) / (2 eps).
-    The lower parameters are restored exactly (they are saved, not re-added)."""
+    V +- eps v (lower_loss_fn: the lower loss on the last D1 batch; C alone will do, gamma1 R1 does not
+    depend on E), and g + xi (g- - g+) / (2 eps), where (g- - g+) / (2 eps) ~ -d2L1/dEdV v.
+    xi = 1 is Betty's darts (no xi: the implicit-function hypergradient with the inverse lower Hessian
+    replaced by the identity); xi = the lower lr is DARTS's second-order approximation, the hypergradient
+    through one unrolled SGD step. The lower parameters are restored exactly (saved, not re-added)."""
     grads = torch.autograd.grad(upper_loss, upper + ([] if first_order else lower), allow_unused=True)
     g = [torch.zeros_like(p) if d is None else d for p, d in zip(upper, grads[: len(upper)])]
     if first_order:
@@ -178,10 +194,10 @@ def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bo
     return [gi + xi * (gm - gp) / (2 * eps) for gi, gp, gm in zip(g, g_plus, g_minus)]
 
 
-def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float, start=None):
-    """d L2(V_T(E), E) / dE through T unrolled SGD steps V_{t+1} = V_t - lr dL1_t/dV (create_graph),
-    from V_0 = the lower parameters' values or `start`: for small models and tests; it holds every
-    step's graph."""
+def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float, *, gamma1: float, start=None):
+    """d L2(V_T(E), E) / dE through T unrolled SGD steps V_{t+1} = V_t - lr dL1_t/dV (create_graph) of
+    the lower objective L1_t = `lower_objective`(lower_loss_fns[t], gamma1), from V_0 = the lower
+    parameters' values or `start`: for small models and tests; it holds every step's graph."""
     from torch.func import functional_call
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -189,8 +205,10 @@ def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: 
         params = {names[id(p)]: p for p in lower}
     else:
         params = {names[id(p)]: s.detach().clone().requires_grad_(True) for p, s in zip(lower, start)}
+    pair_names = [names[id(p)] for p in orthogonal_pairs(model)]
     for loss_fn in lower_loss_fns:
-        loss = loss_fn(lambda *a, **k: functional_call(model, params, a, k))
+        data_loss = loss_fn(lambda *a, **k: functional_call(model, params, a, k))
+        loss, _ = lower_objective(data_loss, [params[n] for n in pair_names], gamma1)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         params = {n: p - lr * d for (n, p), d in zip(params.items(), grads)}
     loss = upper_loss_fn(lambda *a, **k: functional_call(model, params, a, k))
