@@ -8,10 +8,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zipfile
 
 import torch
 
-from .errors import PeftDsError
+from .errors import PeftDsError, read_json
 
 LATEST = "latest"
 META = "peft_ds_checkpoint.json"
@@ -51,8 +52,7 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
     meta_path = os.path.join(tag_dir, META)
     if not os.path.isfile(meta_path):
         raise PeftDsError(f"checkpoint {tag_dir} is incomplete: {META} is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_json(meta_path, "checkpoint meta")
     world = meta["world_size"]
     missing = [os.path.basename(p) for p in rank_files(tag_dir, world, meta["zero_stage"]) if not os.path.isfile(p)]
     if missing:
@@ -84,8 +84,10 @@ def save(engine, root: str, step: int, meta: dict, objective_state: dict | None 
     barrier()
     if torch.distributed.get_rank() == 0:
         tag_dir = os.path.join(root, tag)
+        sizes = {os.path.basename(p): os.path.getsize(p) for p in rank_files(tag_dir, meta["world_size"],
+                                                                              meta["zero_stage"])}
         with open(os.path.join(tag_dir, META), "w") as f:
-            json.dump({**meta, "step": step, "tag": tag}, f, indent=2)
+            json.dump({**meta, "step": step, "tag": tag, "file_sizes": sizes}, f, indent=2)
         find_checkpoint(root, tag)  # every rank's files are there
         tmp = os.path.join(root, LATEST + ".tmp")
         with open(tmp, "w") as f:
@@ -93,6 +95,62 @@ def save(engine, root: str, step: int, meta: dict, objective_state: dict | None 
         os.replace(tmp, os.path.join(root, LATEST))
     barrier()
     return tag
+
+
+def check_files(tag_dir: str, meta: dict) -> None:
+    """Every rank file whole: the size the meta file records (checkpoints since issue 14) and a torch
+    zip archive's closing record (any checkpoint). Reading them (the optimizer states hold more than
+    tensors, so not with weights_only) is left to DeepSpeed."""
+    recorded = meta.get("file_sizes", {})
+    for path in rank_files(tag_dir, meta["world_size"], meta["zero_stage"]):
+        name, size = os.path.basename(path), os.path.getsize(path)
+        if name in recorded and size != recorded[name]:
+            raise PeftDsError(f"checkpoint {tag_dir} is damaged: {name} has {size} bytes, {META} records "
+                              f"{recorded[name]}")
+        if not zipfile.is_zipfile(path):  # torch.save's archive ends with its directory: a cut file has none
+            raise PeftDsError(f"checkpoint {tag_dir} is damaged: {name} is not a complete torch file (truncated?)")
+
+
+def check_resume(tag_dir: str, meta: dict, model, name_or_path: str, world_size: int, zero_stage: int) -> None:
+    """Before any rank starts: the checkpoint fits this run, whose adapters are injected into `model`
+    (the meta-device skeleton of `name_or_path`): the same method, base shape, adapter parameter names
+    and shapes (the checkpoint's spec injected into a second skeleton), world size and ZeRO stage.
+    One line names the difference."""
+    from .adapter_io import model_signature
+    from .injection import adapter_parameters, apply_peft
+    from .models import build_skeleton
+    from .spec import PeftSpec
+
+    check_files(tag_dir, meta)
+    spec = model.peft_spec
+    if meta["method"] != spec.method:
+        raise PeftDsError(f"the checkpoint in {tag_dir} was trained with method {meta['method']}, the config asks "
+                          f"for {spec.method}")
+    if meta["world_size"] != world_size:
+        raise PeftDsError(f"checkpoint {tag_dir} was written by {meta['world_size']} ranks, this run has "
+                          f"{world_size}: ZeRO partitions cannot be resumed on another world size")
+    if meta["zero_stage"] != zero_stage:
+        raise PeftDsError(f"checkpoint {tag_dir} was written under ZeRO stage {meta['zero_stage']}, the DeepSpeed "
+                          f"config has stage {zero_stage}")
+    base = {k: meta["base"].get(k) for k in model_signature(model)}
+    if base != model_signature(model):
+        raise PeftDsError(f"checkpoint {tag_dir} was trained on a base with {base}, this run's model {name_or_path} "
+                          f"has {model_signature(model)}")
+    saved, asked = meta["peft_spec"], spec.to_dict()
+    if saved == asked:
+        return
+    changed = ", ".join(f"method.{k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} in the config"
+                        for k in asked if saved.get(k) != asked[k])
+    skeleton = build_skeleton(name_or_path)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            apply_peft(skeleton, PeftSpec.from_dict(saved))
+    except PeftDsError as err:
+        raise PeftDsError(f"checkpoint {tag_dir} does not fit this model: {err}") from None
+    shapes = {n: tuple(p.shape) for n, p in adapter_parameters(skeleton).items()}
+    if shapes != {n: tuple(p.shape) for n, p in adapter_parameters(model).items()}:
+        raise PeftDsError(f"checkpoint {tag_dir} holds other adapter parameters than the config asks for "
+                          f"({changed}): resume with the checkpoint's settings or choose another output_dir")
 
 
 def load(engine, root: str, world_size: int, objective=None) -> tuple[int, dict]:
@@ -103,8 +161,12 @@ def load(engine, root: str, world_size: int, objective=None) -> tuple[int, dict]
             f"checkpoint {os.path.join(root, tag)} was written by {meta['world_size']} ranks, this run has "
             f"{world_size}: ZeRO partitions cannot be resumed on another world size"
         )
-    _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    try:
+        _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:  # a file damaged after the checks
+        raise PeftDsError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}: "
+                          f"{(str(err).splitlines() or [type(err).__name__])[0]}") from None
     if client is None:
         raise PeftDsError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
     if objective is not None:

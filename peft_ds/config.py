@@ -202,13 +202,24 @@ def check_world_size(config: RunConfig, world_size: int) -> int:
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     data = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise PeftDsError(f"run config {path} is a directory, not a file")
         if not os.path.isfile(path):
             raise PeftDsError(f"run config {path} does not exist")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise PeftDsError(f"run config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError as err:
+            raise PeftDsError(f"run config {path} is not UTF-8 text (byte {err.start})") from None
+        except PermissionError:
+            raise PeftDsError(f"run config {path} cannot be read (permission denied)") from None
+        if data is None or data == {}:  # a run on nothing but defaults is a mistake, not a request
+            raise PeftDsError(f"run config {path} is empty: it must set at least the run's sections")
+        if not isinstance(data, dict):
+            raise PeftDsError(f"run config {path} must be a YAML mapping of sections, got a "
+                              f"{type(data).__name__}")
     return validate(_build(apply_overrides(data, list(overrides))))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import torch
 
@@ -21,6 +22,12 @@ def read_records(path: str) -> list[dict]:
         missing = [k for k in FIELDS if not isinstance(record, dict) or k not in record]
         if missing:
             raise PeftDsError(f"data file {path}: record {i} lacks field(s) {', '.join(missing)}")
+        # a null or a number would be trained on as the text "None" / "1" (an `answer` may be a number)
+        wrong = [k for k in FIELDS if not isinstance(record[k], str)]
+        if wrong:
+            value = json.dumps(record[wrong[0]])
+            raise PeftDsError(f"data file {path}: record {i} field {wrong[0]} must be a string, got "
+                              f"{value if len(value) <= 40 else value[:37] + '...'}")
     return records
 
 

@@ -11,12 +11,22 @@ import torch
 from .errors import PeftDsError, read_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def load(path: str) -> dict:
+    """The DeepSpeed JSON at `path`, with what DeepSpeed would only reject after the model is built
+    (its sections' types, the ZeRO stage) checked now."""
     config = read_json(path, "DeepSpeed config")
     if not isinstance(config, dict):
         raise PeftDsError(f"DeepSpeed config {path} must be a JSON object")
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(config.get(section, {}), dict):
+            raise PeftDsError(f"DeepSpeed config {path}: {section} must be a JSON object, got {config[section]!r}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if type(stage) is not int or stage not in ZERO_STAGES:
+        raise PeftDsError(f"DeepSpeed config {path}: zero_optimization.stage must be one of "
+                          f"{', '.join(map(str, ZERO_STAGES))}, got {stage!r}")
     return config
 
 
@@ -28,6 +38,9 @@ def model_dtype(config: dict, requested: str) -> str:
     """fp32 / bf16 / fp16: the run config's model.dtype, or (auto) what the DeepSpeed config enables."""
     if requested != "auto":
         return requested
+    if config.get("bf16", {}).get("enabled") is True and config.get("fp16", {}).get("enabled") is True:
+        raise PeftDsError("the DeepSpeed config enables both bf16 and fp16 and model.dtype is auto: enable "
+                          "one of them, or set model.dtype")
     if config.get("bf16", {}).get("enabled") is True:
         return "bf16"
     if config.get("fp16", {}).get("enabled") is True:

@@ -156,6 +156,20 @@ def hidden_size_of(name_or_dir: str) -> int:
     return getattr(config, "hidden_size", None) or config.n_embd
 
 
+def build_skeleton(name_or_dir: str):
+    """The backbone's real class and shapes on the meta device: no weights, no memory. The training
+    checks inject adapters into it before any rank starts, so every targeting rule is checked by the
+    code that injects. The class is called directly: from_config would partition it with zero.Init
+    while a ZeRO-3 HfDeepSpeedConfig is alive in this process."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = preset_config(name_or_dir) if name_or_dir in PRESETS else None
+    if config is None:
+        config = AutoConfig.from_pretrained(name_or_dir, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+
+
 def return_freed_memory_to_os() -> None:
     """Serve allocations of 1 MiB and more from mmap, so memory freed after partitioning goes back to
     the OS. glibc's dynamic threshold otherwise climbs to 32 MiB after the first large free, and the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 import warnings
 
@@ -77,7 +78,34 @@ def make_optimizer(model, spec, t, total: int):
 
 
 def _existing_run(output_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(output_dir, n)) for n in ("metrics.jsonl", "checkpoints"))
+    """A checkpoint (even a partial one) or a logged training step: what a new run would overwrite. A
+    run that failed before its first step left at most config.yaml, ds_config.json and empty files."""
+    ckpt_root, metrics = os.path.join(output_dir, "checkpoints"), os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isdir(ckpt_root) and os.listdir(ckpt_root):
+        return True
+    if os.path.isfile(metrics):
+        with open(metrics, errors="replace") as f:
+            return any('"loss"' in line for line in f)
+    return False
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """output_dir is a directory, or can be made: probed by creating and removing a file in it or in
+    its nearest existing ancestor (train() makes it, later)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise PeftDsError(f"output_dir {output_dir} exists and is not a directory")
+    ancestor = os.path.abspath(output_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise PeftDsError(f"output_dir {output_dir} cannot be made: {ancestor} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".peft-ds-probe-", dir=ancestor)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise PeftDsError(f"output_dir {output_dir} is not writable: cannot create a file in {ancestor} "
+                          f"({err.strerror})") from None
 
 
 def prepare(config: RunConfig, world_size: int):
@@ -89,7 +117,12 @@ def prepare(config: RunConfig, world_size: int):
         from . import bilevel
 
         bilevel.check(spec, ds_config.zero_stage(raw_ds), world_size)
+    dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
+    _check_output_dir(config.output_dir)
     models.check_model_source(config.model.name_or_path)
+    skeleton = models.build_skeleton(config.model.name_or_path)  # meta device: every targeting rule, no memory
+    with torch.random.fork_rng(devices=[]):
+        apply_peft(skeleton, spec)
     tokenizer = models.load_tokenizer_for(config.model.name_or_path)
     train_set, val_set = data.build_datasets(config.data, tokenizer, t.seed)
     steps_per_epoch = len(train_set) // t.global_batch_size
@@ -107,11 +140,10 @@ def prepare(config: RunConfig, world_size: int):
         raise PeftDsError(f"output_dir {config.output_dir} already holds a run; resume it (--resume) or choose "
                           f"another output_dir")
     if resume:
-        _, meta = checkpoint.find_checkpoint(os.path.join(config.output_dir, "checkpoints"))
-        if meta["method"] != config.method.method:
-            raise PeftDsError(f"the checkpoint in {config.output_dir} was trained with method {meta['method']}, "
-                              f"the config asks for {config.method.method}")
-    dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
+        ckpt_root = os.path.join(config.output_dir, "checkpoints")
+        tag, meta = checkpoint.find_checkpoint(ckpt_root)
+        checkpoint.check_resume(os.path.join(ckpt_root, tag), meta, skeleton, config.model.name_or_path,
+                                world_size, ds_config.zero_stage(raw_ds))
     resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(config.model.name_or_path),
                                  micro_batch_size=t.micro_batch_size, accumulation=accumulation,
                                  world_size=world_size, dtype=dtype)
@@ -194,12 +226,21 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def _complete_row(line: str) -> bool:
+    """False for a line a kill cut off mid-write."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return line.endswith("\n")
+
+
 def _truncate_metrics(path: str, step: int) -> None:
     """Drop lines past the resumed checkpoint (written by the interrupted run after its last save)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= step]
+        keep = [line for line in f if _complete_row(line) and json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -218,10 +259,6 @@ def train(config: RunConfig) -> dict:
     where = distributed.describe()  # collective
     if is_main:
         print(f"peft-ds train: {where}", flush=True)
-        os.makedirs(ckpt_root, exist_ok=True)
-        write_config(config, os.path.join(out, "config.yaml"))
-        with open(os.path.join(out, "ds_config.json"), "w") as f:
-            json.dump(run["ds"], f, indent=2)
 
     # ---- model: sharded at construction, adapters injected identically on every rank ------------
     model = models.build_model(config.model.name_or_path, dtype=ds_config.DTYPES[run["dtype"]], ds_config=run["ds"])
@@ -244,6 +281,11 @@ def train(config: RunConfig) -> dict:
         if is_main:
             _truncate_metrics(metrics_path, start)
             print(f"resumed from {ckpt_root} at step {start}", flush=True)
+    if is_main:  # only now: a run that fails while building or loading leaves its output_dir as it was
+        os.makedirs(ckpt_root, exist_ok=True)
+        write_config(config, os.path.join(out, "config.yaml"))
+        with open(os.path.join(out, "ds_config.json"), "w") as f:
+            json.dump(run["ds"], f, indent=2)
     meta = checkpoint.run_meta(model, config, world, ds_config.zero_stage(run["ds"]))
 
     # ---- signals: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary ---------------
@@ -258,7 +300,7 @@ def train(config: RunConfig) -> dict:
     val_batches = None if run["val_set"] is None else _batches(run["val_set"], list(range(len(run["val_set"]))),
                                                                micro, pad_id)  # collated once, used at every eval
     bar = tqdm(total=run["total"], initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
-    metrics = open(metrics_path, "a") if is_main else None
+    metrics = open(metrics_path, "a" if run["resume"] else "w") if is_main else None
     last_saved = start if run["resume"] else None
 
     def grad_check(k):  # every adapter parameter has a gradient after the first step's backward

@@ -98,3 +98,208 @@ def test_sibling_tasks_that_cannot_tell_their_rank_are_refused(capsys, tmp_path,
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # as on a machine without it
     monkeypatch.setattr(distributed, "_discovered", None)
     _fails(capsys, tmp_path, ["train", base], message)
+
+
+# ---- issue 14: refused before any rank starts, one line, exit 2, the output directory untouched -------
+
+
+def snapshot(path):
+    """Every file's bytes and every directory under `path` (None when it does not exist)."""
+    path = str(path)
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return f.read()
+    found = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(root, name), path) + "/"] = None
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), path)] = f.read()
+    return found
+
+
+def refused(capsys, argv, message, out):
+    """`argv` exits 2 with one `peft-ds: error:` line holding `message`; `out` is as it was."""
+    before = snapshot(out)
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("peft-ds: error:") and message in err[0], err
+    assert snapshot(out) == before
+    return err[0]
+
+
+def records(n=16, **fields):
+    rows = [{"instruction": f"add {i} and 1", "input": "", "output": f"{i + 1}", "answer": i + 1} for i in range(n)]
+    rows[3].update(fields)
+    return rows
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"instruction": None}, "record 3 field instruction must be a string, got null"),
+    ({"input": 7}, "record 3 field input must be a string, got 7"),
+    ({"output": 1.5}, "record 3 field output must be a string, got 1.5"),
+    ({"output": ["a", "b"]}, "record 3 field output must be a string, got [\"a\", \"b\"]"),
+], ids=["null", "int", "float", "list"])
+@pytest.mark.parametrize("which", ["train_file", "validation_file"])
+def test_non_string_fields_are_refused(capsys, tmp_path, base, fields, message, which):
+    """A null or a number was trained on as the text "None" / "7"."""
+    (tmp_path / "good.json").write_text(json.dumps(records()))
+    (tmp_path / "bad.json").write_text(json.dumps(records(**fields)))
+    files = {"train_file": tmp_path / "good.json", "validation_file": tmp_path / "good.json",
+             which: tmp_path / "bad.json"}
+    line = refused(capsys, ["train", base, "--nproc", "2", "--set", f"data.train_file={files['train_file']}",
+                            "--set", f"data.validation_file={files['validation_file']}"], message, tmp_path / "out")
+    assert f"data file {tmp_path / 'bad.json'}: " in line
+
+
+def test_numeric_answer_field_is_accepted(capsys, tmp_path, base):
+    (tmp_path / "good.json").write_text(json.dumps(records()))
+    assert main(["check", base, "--world-size", "2", "--set", f"data.train_file={tmp_path / 'good.json'}"]) == 0
+    assert "16 training records" in capsys.readouterr().out
+
+
+NOT_UTF8 = b'[{"instruction": "caf\xe9", "input": "", "output": "1"}]'  # Latin-1, not UTF-8
+
+
+@pytest.mark.parametrize("case,message", [
+    ("data_latin1", "data file {tmp}/latin1.json is not UTF-8 text (byte 21)"),
+    ("validation_latin1", "data file {tmp}/latin1.json is not UTF-8 text (byte 21)"),
+    ("data_directory", "data file {tmp}/dir is a directory, not a file"),
+    ("deepspeed_latin1", "DeepSpeed config {tmp}/latin1.json is not UTF-8 text (byte 21)"),
+    ("config_latin1", "run config {tmp}/latin1.yaml is not UTF-8 text"),
+    ("config_directory", "run config {tmp}/dir is a directory, not a file"),
+], ids=["data_latin1", "validation_latin1", "data_directory", "deepspeed_latin1", "config_latin1", "config_directory"])
+def test_unreadable_files_are_one_line(capsys, tmp_path, base, case, message):
+    (tmp_path / "latin1.json").write_bytes(NOT_UTF8)
+    (tmp_path / "latin1.yaml").write_bytes(b"output_dir: caf\xe9\n")
+    (tmp_path / "dir").mkdir()
+    argv = {"data_latin1": ["train", base, "--set", f"data.train_file={tmp_path}/latin1.json"],
+            "validation_latin1": ["train", base, "--set", f"data.validation_file={tmp_path}/latin1.json"],
+            "data_directory": ["train", base, "--set", f"data.train_file={tmp_path}/dir"],
+            "deepspeed_latin1": ["train", base, "--set", f"deepspeed={tmp_path}/latin1.json"],
+            "config_latin1": ["train", str(tmp_path / "latin1.yaml")],
+            "config_directory": ["train", str(tmp_path / "dir")]}[case]
+    refused(capsys, argv[:2] + ["--nproc", "2"] + argv[2:], message.format(tmp=tmp_path), tmp_path / "out")
+
+
+@pytest.mark.parametrize("deepspeed,dtype,message", [
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "auto",
+     "the DeepSpeed config enables both bf16 and fp16 and model.dtype is auto"),
+    ({"zero_optimization": {"stage": 5}}, "fp32", "zero_optimization.stage must be one of 0, 1, 2, 3, got 5"),
+    ({"zero_optimization": {"stage": "three"}}, "fp32",
+     "zero_optimization.stage must be one of 0, 1, 2, 3, got 'three'"),
+    ({"zero_optimization": {"stage": True}}, "fp32", "zero_optimization.stage must be one of 0, 1, 2, 3, got True"),
+    ({"zero_optimization": 3}, "fp32", "zero_optimization must be a JSON object, got 3"),
+], ids=["bf16_and_fp16", "stage_5", "stage_three", "stage_true", "zero_not_object"])
+def test_deepspeed_config_contradictions(capsys, tmp_path, base, deepspeed, dtype, message):
+    raw = json.load(open(os.path.join(ROOT, "ds_configs", "zero3_cpu.json")))
+    for key, value in deepspeed.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "ds.json").write_text(json.dumps(raw))
+    refused(capsys, ["train", base, "--nproc", "2", "--set", f"deepspeed={tmp_path}/ds.json",
+                     "--set", f"model.dtype={dtype}"], message, tmp_path / "out")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty"),
+    ("# nothing but a comment\n\n", "is empty"),
+    ("{}\n", "is empty"),
+    ("- model\n- data\n", "must be a YAML mapping of sections, got a list"),
+    ("just a string\n", "must be a YAML mapping of sections, got a str"),
+], ids=["zero_bytes", "comments_only", "empty_mapping", "list", "scalar"])
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_empty_or_non_mapping_config_is_refused(capsys, tmp_path, text, message, command, monkeypatch):
+    """A 0-byte YAML started a full run on the defaults (in runs/default); a list was a traceback."""
+    monkeypatch.chdir(tmp_path)  # the defaults' output_dir, runs/default, would land here
+    (tmp_path / "run.yaml").write_text(text)
+    argv = [command, str(tmp_path / "run.yaml"), "--set", "train.lr=1e-3"]
+    line = refused(capsys, argv + (["--nproc", "2"] if command == "train" else ["--world-size", "2"]), message,
+                   tmp_path / "runs")
+    assert f"run config {tmp_path / 'run.yaml'} " in line
+
+
+def test_output_dir_that_is_a_file_is_refused(capsys, tmp_path, base):
+    (tmp_path / "out").write_text("notes\n")
+    refused(capsys, ["train", base, "--nproc", "2"], "output_dir " + str(tmp_path / "out") + " exists and is not a "
+            "directory", tmp_path / "out")
+    refused(capsys, ["train", base, "--nproc", "2", "--set", f"output_dir={tmp_path}/out/run"],
+            f"output_dir {tmp_path}/out/run cannot be made: {tmp_path}/out is not a directory", tmp_path / "out")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can create files in: mode 0555, and (root ignores modes) immutable when root."""
+    import subprocess
+
+    path = tmp_path / "shared"
+    path.mkdir()
+    os.chmod(path, 0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        writable = True
+        try:
+            open(path / "probe", "w").close()
+            os.remove(path / "probe")
+        except OSError:
+            writable = False
+        if writable:
+            pytest.skip("cannot make a directory read-only for this user here")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_output_dir_not_writable_is_refused(capsys, tmp_path, base, read_only_dir, command):
+    out = read_only_dir / "run" / "a"
+    argv = [command, base, "--set", f"output_dir={out}"] + (["--nproc", "2"] if command == "train"
+                                                             else ["--world-size", "2"])
+    refused(capsys, argv, f"output_dir {out} is not writable: cannot create a file in {read_only_dir}", read_only_dir)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.target_modules=[q_proj,nonexistent]",
+     "target module(s) nonexistent not found in the model's decoder layers"),
+    ("method.target_modules=[mlp]", "target module 'mlp' is a LlamaMLP, not a Linear"),
+    ("method.sibo_sites=[nowhere]", "SIBO site 'nowhere' not found in the model's decoder layers"),
+    ("method.sibo_sites=[o_proj]", "SIBO site 'o_proj' is not among target_modules"),
+], ids=["missing_target", "not_linear", "missing_sibo_site", "site_not_adapted"])
+def test_targets_are_checked_before_ranks_start(capsys, tmp_path, base, override, message):
+    """Found only once ranks ran before, leaving config.yaml, ds_config.json and an empty checkpoints/."""
+    refused(capsys, ["train", base, "--nproc", "2", "--set", "method.sibo_lambda=0.1", "--set", override], message,
+            tmp_path / "out")
+
+
+def test_leftovers_of_a_run_that_never_stepped_are_no_run(capsys, tmp_path, base):
+    """config.yaml, ds_config.json, an empty checkpoints/ and a metrics.jsonl without a step (what a
+    failure before the first step left) neither block a new run nor count as one."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "ds_config.json"):
+        (out / name).write_text("{}\n")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "grad_check": [4, 4]}) + "\n")
+    assert main(["check", base, "--world-size", "2"]) == 0, capsys.readouterr().err
+    assert "resume False" in capsys.readouterr().out
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5, "lr": 0.0}) + "\n")
+    refused(capsys, ["check", base, "--world-size", "2"], "already holds a run", out)
+
+
+@pytest.mark.slow
+def test_failure_after_the_checks_leaves_nothing(tmp_path):
+    """DeepSpeed rejects a config key only once a rank builds the engine: the output directory must not
+    be left holding config.yaml, ds_config.json and checkpoints/ that refuse a rerun."""
+    raw = json.load(open(os.path.join(ROOT, "ds_configs", "zero3_cpu.json")))
+    raw["zero_optimization"]["not_a_deepspeed_key"] = 1
+    (tmp_path / "ds.json").write_text(json.dumps(raw))
+    cfg = write_config(tmp_path / "run.yaml", tmp_path / "out")
+    r = peft_ds("train", cfg, "--set", f"deepspeed={tmp_path}/ds.json")
+    assert r.returncode != 0 and "not_a_deepspeed_key" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or snapshot(tmp_path / "out") == {}
+    r = peft_ds("check", cfg, "--world-size", "1")
+    assert r.returncode == 0, r.stderr

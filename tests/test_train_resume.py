@@ -12,7 +12,10 @@ import time
 import pytest
 import torch
 from launch import ROOT, adapter, losses, peft_ds, write_config
+from test_train_inputs import refused
 from test_train_schedule import trainer_learning_rates
+
+from peft_ds.checkpoint import META
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +161,77 @@ def test_adamix_resume_continues_the_route_sequence(tmp_path):
     assert resumed == routes and len(set(routes)) == 6
     again = adapter(out)
     assert all(torch.allclose(again[k], final[k], rtol=1e-6, atol=1e-8) for k in final)
+
+
+# ---- issue 14: a failed resume changes nothing; a kill at the worst moment loses one checkpoint at most ----
+
+
+def copy_of(reference, tmp_path, name="copy"):
+    shutil.copytree(reference, tmp_path / name)
+    return config(tmp_path, name), tmp_path / name
+
+
+@pytest.mark.parametrize("nproc,override,message", [
+    (2, ["method.r=8"], "holds other adapter parameters than the config asks for (method.r: 4 in the checkpoint, "
+                        "8 in the config)"),
+    (2, ["method.sibo_learnable=false"], "(method.sibo_learnable: True in the checkpoint, False in the config)"),
+    (2, ["method.target_modules=[q_proj,fc_in]"], "method.target_modules: ['q_proj', 'k_proj', 'v_proj', 'fc_in', "
+                                                  "'fc_out'] in the checkpoint, ['q_proj', 'fc_in'] in the config"),
+    (2, ["method.method=adapter"], "was trained with method lora, the config asks for adapter"),
+    (2, ["model.name_or_path=tiny-llama"], "was trained on a base with {'model_type': 'gptj', 'hidden_size': 128"),
+    (1, [], "was written by 2 ranks, this run has 1: ZeRO partitions cannot be resumed on another world size"),
+    (2, [f"deepspeed={ROOT}/ds_configs/no_zero_cpu.json"], "was written under ZeRO stage 3, the DeepSpeed config "
+                                                           "has stage 0"),
+], ids=["r", "sibo_learnable", "targets", "method", "base", "world_size", "zero_stage"])
+def test_failed_resume_rewrites_nothing(reference, tmp_path, capsys, nproc, override, message):
+    """Refused before any rank starts: config.yaml still describes the checkpoints (it was rewritten)."""
+    cfg, run = copy_of(reference, tmp_path)
+    argv = ["train", cfg, "--nproc", str(nproc), "--resume", *[x for o in override for x in ("--set", o)]]
+    line = refused(capsys, argv, message, run)
+    assert str(run / "checkpoints" / f"step{STEPS}") in line
+
+
+def test_truncated_checkpoint_file_is_named(reference, tmp_path, capsys):
+    cfg, run = copy_of(reference, tmp_path)
+    tag_dir = run / "checkpoints" / f"step{STEPS}"
+    victim = tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    argv = ["train", cfg, "--nproc", "2", "--resume"]
+    refused(capsys, argv, f"checkpoint {tag_dir} is damaged: {victim.name} has {size // 2} bytes, {META} records "
+            f"{size}", run)
+    # a checkpoint written before sizes were recorded: the archive's missing end names the file
+    with open(tag_dir / META) as f:
+        meta = json.load(f)
+    del meta["file_sizes"]
+    with open(tag_dir / META, "w") as f:
+        json.dump(meta, f)
+    refused(capsys, argv, f"checkpoint {tag_dir} is damaged: {victim.name} is not a complete torch file", run)
+
+
+@pytest.mark.parametrize("moment", ["rank_files_cut", "meta_written_latest_not_moved", "metrics_line_cut"])
+def test_kill_at_the_worst_moment_resumes_the_previous_checkpoint(reference, tmp_path, moment):
+    """The writer killed, simulated deterministically: while DeepSpeed wrote step 10 (no meta file, a
+    rank file cut), between the meta file and moving `latest` (latest.tmp written), or mid-way through
+    a metrics line (step 10 never saved). --resume picks step 8 and ends as the uninterrupted run."""
+    cfg, run = copy_of(reference, tmp_path, "killed")
+    ckpts, last = run / "checkpoints", run / "checkpoints" / f"step{STEPS}"
+    shutil.rmtree(run / "adapter")
+    os.remove(run / "loss.png")
+    (ckpts / "latest").write_text(f"step{STEPS - 2}")
+    if moment == "rank_files_cut":
+        os.remove(last / META)
+        with open(last / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
+            f.truncate(1000)
+    elif moment == "meta_written_latest_not_moved":
+        (ckpts / "latest.tmp").write_text(f"step{STEPS}")
+    else:
+        shutil.rmtree(last)
+        rows = [row for row in (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+                if json.loads(row)["step"] < STEPS]
+        (run / "metrics.jsonl").write_text("".join(rows[:-1]) + rows[-1][:len(rows[-1]) // 2])
+    r = peft_ds("train", cfg, "--nproc", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ckpts} at step {STEPS - 2}" in r.stdout
+    assert_same_run(run, reference)
