@@ -14,7 +14,8 @@ import torch
 
 from .ds_config import DTYPES
 from .errors import PeftDsError, read_json
-from .injection import adapter_state_dict, apply_peft, load_adapter_state_dict
+from . import outputs
+from .injection import adapter_shapes, adapter_state_dict, apply_peft, check_adapter_state, load_adapter_state_dict
 from .spec import PeftSpec
 from .version import __version__
 
@@ -59,7 +60,8 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def write_adapter(state: dict, out_dir: str, spec: PeftSpec, base_model: str | None, base: dict,
                   extra: dict | None = None, dtype: str = "fp32") -> dict:
-    """Write `state` as a native adapter directory (its two files replaced); returns the config written."""
+    """Write `state` as a native adapter into `out_dir` (a fresh directory: `save_adapter` and
+    `peft-ds consolidate` give it a staging directory of `peft_ds.outputs`); returns the config written."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to(DTYPES[dtype]).cpu().contiguous() for k, v in state.items()}
@@ -75,10 +77,12 @@ def write_adapter(state: dict, out_dir: str, spec: PeftSpec, base_model: str | N
 
 def save_adapter(model, out_dir: str, base_model: str | None = None, extra: dict | None = None,
                  state: dict | None = None) -> str:
-    """Write `state` (default: the model's adapter state dict) as a native adapter directory."""
+    """Write `state` (default: the model's adapter state dict) as a native adapter directory: built
+    beside `out_dir` and swapped in whole (a previous adapter there stays readable until then)."""
     state = adapter_state_dict(model) if state is None else state
-    write_adapter({k: v.float() for k, v in state.items()}, out_dir, model.peft_spec, base_model,
-                  base_description(model), extra)
+    with outputs.replace_dir(out_dir) as staging:
+        write_adapter({k: v.float() for k, v in state.items()}, staging, model.peft_spec, base_model,
+                      base_description(model), extra)
     return out_dir
 
 
@@ -119,7 +123,9 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
 
 def load_adapter(model, adapter_dir: str):
     """Apply the saved PeftSpec to a fresh backbone and load the (checksum-verified) adapter weights.
-    SIBO keeps its h0 path; the result is ready for inference and `generate()`."""
+    SIBO keeps its h0 path; the result is ready for inference and `generate()`. Every check (files,
+    checksums, base, spec, tensor names and shapes) runs before the model is touched: a failed load
+    leaves it as it was."""
     config, state = read_adapter(adapter_dir)
     base = config["base"]
     actual = model_signature(model)
@@ -128,7 +134,12 @@ def load_adapter(model, adapter_dir: str):
     if base.get("config_sha256") and base["config_sha256"] != config_hash(model.config.to_dict()):
         warnings.warn(f"adapter {adapter_dir}: the base model's configuration differs from the one it was trained "
                       f"on (same architecture and size; check rope scaling, vocabulary, norms)", stacklevel=2)
-    apply_peft(model, PeftSpec.from_dict(config["peft_spec"]))
+    spec = PeftSpec.from_dict(config["peft_spec"])
+    try:
+        check_adapter_state(adapter_shapes(model, spec), state)
+    except PeftDsError as err:
+        raise PeftDsError(f"adapter {adapter_dir}: {err}") from None
+    apply_peft(model, spec)
     load_adapter_state_dict(model, state)
     return model
 
@@ -148,7 +159,8 @@ def peft_refusal(spec: PeftSpec) -> str | None:
 
 
 def write_peft(state: dict, out_dir: str, spec: PeftSpec, base_model: str | None, dtype: str = "fp32") -> dict:
-    """`adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads."""
+    """`adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads,
+    written into `out_dir` (a fresh directory, as for `write_adapter`)."""
     from safetensors.torch import save_file
 
     reason = peft_refusal(spec)

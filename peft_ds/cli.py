@@ -21,21 +21,32 @@ def _similarity_table(curves: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_writable(out_dir: str, names, force: bool) -> None:
-    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+SMOOTHNESS_FILES = ("smoothness.json", "smoothness.png")
+
+
+def _check_smoothness_out(out_dir: str, force: bool, data: str, models=(), adapters=()) -> None:
+    """Neither output file is an input (the data file) or lies inside a model or adapter directory read;
+    existing ones need --force."""
+    from .outputs import check_apart
+
+    inputs = [("the data file", data)] + [("the model directory", m) for m in models if os.path.isdir(m)]
+    inputs += [("the adapter directory", a) for a in adapters]
+    for name in SMOOTHNESS_FILES:
+        check_apart(os.path.join(out_dir, name), "--out", inputs)
+    existing = [n for n in SMOOTHNESS_FILES if os.path.exists(os.path.join(out_dir, n))]
     if existing and not force:
         raise PeftDsError(f"{os.path.join(out_dir, existing[0])} exists (use --force to overwrite)")
 
 
 def _write_smoothness(curves: dict, out_dir: str) -> tuple[str, str]:
+    from . import outputs
     from .diagnostics import plot_similarity
 
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, png_path = os.path.join(out_dir, "smoothness.json"), os.path.join(out_dir, "smoothness.png")
-    with open(json_path, "w") as f:
-        json.dump({"metric": "mean token-wise cosine similarity (SIBO Eq. 3)", "layer_0": "token embedding",
-                   "curves": curves}, f, indent=2)
-    plot_similarity(curves, png_path)
+    json_path, png_path = (os.path.join(out_dir, name) for name in SMOOTHNESS_FILES)
+    outputs.write_text(json_path, json.dumps({"metric": "mean token-wise cosine similarity (SIBO Eq. 3)",
+                                              "layer_0": "token embedding", "curves": curves}, indent=2))
+    with outputs.replace_file(png_path) as temp:
+        plot_similarity(curves, temp)
     return json_path, png_path
 
 
@@ -47,7 +58,7 @@ def cmd_demo(args) -> int:
     from .spec import PeftSpec
 
     spec = PeftSpec(method="lora", sibo_lambda=args.sibo_lambda).validate()
-    _check_writable(args.out, ["smoothness.json", "smoothness.png"], args.force)
+    _check_smoothness_out(args.out, args.force, args.data, [args.model])
     records = read_records(args.data)[: args.num_examples]
     model, tokenizer = load_model(args.model)
     batch = prompt_batch(tokenizer, records, args.cutoff_len)
@@ -84,7 +95,7 @@ def cmd_smoothness(args) -> int:
     for adapter_dir, config in adapters:
         if not config.get("base_model") and len(args.model) != 1:
             raise PeftDsError(f"adapter {adapter_dir} names no base model; give exactly one --model")
-    _check_writable(args.out, ["smoothness.json", "smoothness.png"], args.force)
+    _check_smoothness_out(args.out, args.force, args.data, args.model, args.adapter)
     records = read_records(args.data)[: args.num_examples]
     curves = {}
     for name in args.model:
@@ -240,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "partitions of a ZeRO-3 checkpoint written by peft-ds train (never reading backbone bytes) "
                        "and write one adapter. Needs no GPU and no process group.")
     p.add_argument("checkpoint_dir", help="a run's output_dir, its checkpoints/ directory, or one tag directory")
-    p.add_argument("--out", required=True, help="output directory (written whole, by one rename, when complete)")
+    p.add_argument("--out", required=True, help="output directory (built beside it and swapped in when complete; "
+                   "never the checkpoint directory or base model it reads)")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step80 (default: the one 'latest' names)")
     p.add_argument("--format", default="native", choices=["native", "peft"],
                    help="native: adapter.safetensors + adapter_config.json for peft_ds.load_adapter (every method); "

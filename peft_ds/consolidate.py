@@ -7,7 +7,9 @@ it out: padded to a multiple of the world size ws, rank r holding elements [r p,
 p = ceil(n / ws), the parameters back to back in each rank's flat groups (in `param_shapes` order,
 sub-groups concatenated). Outputs: the native adapter, the Hugging Face PEFT adapter, or a base model
 directory with the LoRA delta merged into a copy of its weights, streamed one shard at a time.
-Every check runs before anything is written; the output appears by one rename when complete."""
+Every check runs before anything is written (the output never overlaps the checkpoint it reads, or the
+base model it merges into, and its directory takes a new file); the output is built in a hidden
+sibling and swapped in when complete (`peft_ds.outputs`)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import adapter_io, architectures, checkpoint
+from . import adapter_io, architectures, checkpoint, outputs
 from .ds_config import DTYPES
 from .errors import PeftDsError, read_json
 from .methods import METHOD_PARAMETERS, SIBO_PARAMETER, WIDTH_AXIS
@@ -353,23 +355,18 @@ def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, p
     return merged
 
 
-def _staging_dir(out: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
-
-
-def _publish(staging: str, out: str) -> None:
-    """Move the finished output into place: an existing one (--force) is removed only after it."""
-    old = None
-    if os.path.exists(out):
-        old = f"{staging}.old"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+def _check_output(path: str, out: str, merge_into_base: str | None) -> None:
+    """The output is apart from everything consolidate reads (the checkpoints root: every tag and
+    `latest`; the base model to merge into) and is neither the run directory nor holds it (a run's
+    `consolidated/` is fine); its directory takes a new file."""
+    root, _ = resolve_root(path)
+    inputs = [("the checkpoint directory", root)]
+    if merge_into_base:
+        inputs.append(("the base model directory", merge_into_base))
+    run = os.path.dirname(os.path.abspath(root))
+    enclosing = [("the run directory", run)] if os.path.basename(os.path.abspath(root)) == "checkpoints" else []
+    outputs.check_apart(out, "--out", inputs, enclosing)
+    outputs.check_writable(out)
 
 
 def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native", merge_into_base: str | None = None,
@@ -383,6 +380,8 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
         raise PeftDsError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise PeftDsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    _check_output(path, out, merge_into_base)
+    outputs.recover(out)  # a previous output that a kill left aside is back before --force is considered
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise PeftDsError(f"output {out} exists (use --force to replace it)")
     plan = Plan(fmt, merge_into_base, dtype, keep_experts, fold)
@@ -408,8 +407,7 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
     base_model = ckpt.meta.get("base_model") or ckpt.meta.get("config", {}).get("model", {}).get("name_or_path")
     source = {"checkpoint": os.path.abspath(ckpt.tag_dir), "tag": ckpt.tag, "world_size": ckpt.world_size,
               "step": ckpt.meta.get("step"), "trained_method": ckpt.spec.method}
-    staging = _staging_dir(out)
-    try:
+    with outputs.replace_dir(out) as staging:
         if merge_into_base:
             merge_bar = tqdm(total=sum(1 for k in state if k.endswith(".lora_A")), desc="merge", unit="weight",
                              disable=not progress, dynamic_ncols=True)
@@ -428,10 +426,6 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
         else:
             adapter_io.write_adapter(state, staging, spec, base_model, ckpt.meta.get("base"),
                                      {"source": source, "transforms": notes}, dtype)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     nbytes = sum(v.numel() for v in state.values()) * torch.finfo(DTYPES[dtype]).bits // 8
     return {"out": out, "format": "merged model" if merge_into_base else fmt, "tensors": len(state),
             "bytes": nbytes, "seconds": time.perf_counter() - began, "tag": ckpt.tag,

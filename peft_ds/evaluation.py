@@ -10,6 +10,7 @@ mask (upstream drops it, issue #61), so any batch size gives the batch-1 answers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 
 import torch
 
+from . import outputs
 from .errors import PeftDsError, read_json
 from .prompts import evaluation_prompt
 
@@ -184,6 +186,23 @@ def _check_adapter(adapter_dir: str, base: str) -> None:
         raise PeftDsError(f"adapter {adapter_dir} was trained on {trained}, the base {base} is {actual}")
 
 
+def _check_out(out: str, base: str, adapter: str | None, test_files: list[str], deepspeed_config: str | None):
+    """`--out` and its rows file: apart from every input (adapter and model directories, test files,
+    the DeepSpeed config), not a directory, and in a directory that takes a new file; all before the
+    model is loaded, so that no generation is wasted."""
+    inputs = [("the adapter directory", adapter)] if adapter else []
+    if os.path.isdir(base):
+        inputs.append(("the base model directory", base))
+    inputs += [("the test set", path) for path in test_files if os.path.exists(path)]
+    if deepspeed_config:
+        inputs.append(("the DeepSpeed config", deepspeed_config))
+    for path in (out, rows_path(out)):
+        outputs.check_apart(path, "--out", inputs)
+        if os.path.isdir(path):
+            raise PeftDsError(f"--out {path} is a directory; --out names the summary JSON file")
+    outputs.check_writable(out)
+
+
 def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None = None, batch_size: int = 1,
              num_beams: int = 4, max_new_tokens: int | None = None, extractor: str = "faithful",
              out: str | None = None, limit: int | None = None, deepspeed_config: str | None = None,
@@ -195,6 +214,9 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     from .adapter_io import load_adapter
 
     check_names(datasets)
+    if out:
+        _check_out(out, base, adapter, [os.path.join(data_dir, name, "test.json") for name in datasets],
+                   deepspeed_config)
     if out and not force and any(os.path.exists(p) for p in (out, rows_path(out))):
         raise PeftDsError(f"{out} exists (use --force to overwrite)")
     if extractor not in MODES:
@@ -263,12 +285,11 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     report = {"base": base, "adapter": adapter, "extractor": extractor, "batch_size": batch_size,
               "num_beams": num_beams, "world_size": world, "accuracy": summary}
     if rank == 0 and out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(rows_path(out), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
+        # each file replaced whole by a rename; the summary last, naming its rows by their sha256
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        outputs.write_text(rows_path(out), lines)
+        report["rows_sha256"] = hashlib.sha256(lines.encode()).hexdigest()
+        outputs.write_text(out, json.dumps(report, indent=2))
     report["rows"] = rows
     return report
 

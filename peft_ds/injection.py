@@ -17,8 +17,8 @@ from torch import nn
 
 from . import architectures
 from .errors import PeftDsError
-from .methods import (ADAPTER_PARAMETER_NAMES, PEFT_LAYERS, AdamixAdapterLinear, AdamixLoraLinear, AdapterLinear,
-                      BiLoraLinear, InitialResidual, LoraLinear, Router, adamix, method_name, sibo)
+from .methods import (ADAPTER_PARAMETER_NAMES, PEFT_LAYERS, SIBO_PARAMETER, AdamixAdapterLinear, AdamixLoraLinear,
+                      AdapterLinear, BiLoraLinear, InitialResidual, LoraLinear, Router, adamix, method_name, sibo)
 from .spec import ADAPTER_FAMILY, PeftSpec
 
 _ADAPTER_KEY = re.compile(r"(^|\.)(" + "|".join(ADAPTER_PARAMETER_NAMES) + r")(\.\d+)?$")
@@ -163,11 +163,34 @@ def adapter_state_dict(model: nn.Module) -> "dict[str, torch.Tensor]":
         return OrderedDict((n, p.detach().clone()) for n, p in params.items())
 
 
-def load_adapter_state_dict(model: nn.Module, state: "dict[str, torch.Tensor]") -> None:
-    """Copy `state` into the model's adapter parameters; keys and shapes must match exactly."""
-    params = adapter_parameters(model)
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+def adapter_shapes(model: nn.Module, spec: PeftSpec) -> "OrderedDict[str, tuple]":
+    """The adapter keys and shapes `apply_peft(model, spec)` would create, found without touching the
+    model: the same wrappers built around meta-device stand-ins of the target linears."""
+    spec = spec.validate()
+    arch = architectures.detect(model)
+    layers = model.get_submodule(arch.layers)
+    targets = list(spec.target_modules or architectures.default_targets(arch, spec.method))
+    plan = _plan_targets(layers, targets)
+    residual = InitialResidual(spec.sibo_lambda, spec.sibo_learnable) if spec.sibo else None
+    router = Router(spec.num_experts, 0) if spec.method.startswith("adamix") else None
+    shapes = OrderedDict()
+    with torch.device("meta"):
+        for index, rel, module in plan:
+            stand_in = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            wrapper = _wrap(spec, arch, rel, stand_in, residual, router)
+            for name, param in wrapper.named_parameters():
+                if is_adapter_key(name):
+                    shapes[f"{arch.layers}.{index}.{rel}.{name}"] = tuple(param.shape)
+    if spec.sibo and spec.sibo_learnable:
+        for index in range(len(layers)):
+            shapes[f"{arch.layers}.{index}.{SIBO_PARAMETER}"] = (1,)
+    return shapes
+
+
+def check_adapter_state(shapes: "dict[str, tuple]", state: "dict[str, torch.Tensor]") -> None:
+    """`state` has exactly the keys of `shapes` ({key: shape}), each of its shape."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
         parts = []
         if missing:
@@ -175,14 +198,20 @@ def load_adapter_state_dict(model: nn.Module, state: "dict[str, torch.Tensor]") 
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[0]}")
         raise PeftDsError("adapter state dict does not fit the model: " + "; ".join(parts))
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise PeftDsError(f"adapter tensor {name} has shape {tuple(state[name].shape)}, the model expects "
+                              f"{tuple(shape)}")
+
+
+def load_adapter_state_dict(model: nn.Module, state: "dict[str, torch.Tensor]") -> None:
+    """Copy `state` into the model's adapter parameters; keys and shapes must match exactly (checked
+    before any parameter is written)."""
+    params = adapter_parameters(model)
+    check_adapter_state(OrderedDict((n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in params.items()), state)
     with _gathered(list(params.values()), modifier_rank=0), torch.no_grad():
         for name, param in params.items():
-            value = state[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise PeftDsError(
-                    f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
-                )
-            param.copy_(value.to(param.dtype))
+            param.copy_(state[name].to(param.dtype))
 
 
 # ---- report ------------------------------------------------------------------------------------

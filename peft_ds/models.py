@@ -215,11 +215,15 @@ def load_model(name_or_dir: str, dtype=torch.float32):
 
 
 def write_preset(name: str, out_dir: str, force: bool = False) -> str:
-    """Write a tiny preset as a local HF model directory: config.json, model.safetensors, tokenizer.model."""
+    """Write a tiny preset as a local HF model directory: config.json, model.safetensors, tokenizer.model.
+    Built beside `out_dir` and moved in (with `force`, into a non-empty directory file by file, each
+    file replaced by a rename, never written through a symlink); modes follow the umask."""
+    from . import outputs
+
     if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
         raise PeftDsError(f"{out_dir} exists and is not empty (use --force to overwrite)")
     model = build_preset(name)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    shutil.copyfile(TINY_TOKENIZER, os.path.join(out_dir, TOKENIZER_MODEL))
+    with outputs.replace_dir(out_dir, merge=True) as staging:
+        model.save_pretrained(staging)
+        shutil.copyfile(TINY_TOKENIZER, os.path.join(staging, TOKENIZER_MODEL))
     return out_dir

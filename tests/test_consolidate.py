@@ -1,15 +1,18 @@
 """`peft-ds consolidate` on checkpoints of real 1-, 2- and 3-rank ZeRO-3 runs: tensors bit for bit
 equal to DeepSpeed's own reconstruction and to the live fp32 masters at save time; PEFT export and
 merge-into-base give the adapter model's logits; every refusal leaves the output untouched; a tampered
-tensor is caught by `peft_ds.load_adapter`."""
+tensor is caught by `peft_ds.load_adapter`; an output never replaces the checkpoint or base it reads, a
+--force replacement killed at any step leaves the previous output, modes follow the umask."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from launch import adapter, peft_ds, torchrun, write_config
+from launch import ROOT, adapter, peft_ds, torchrun, write_config
 from safetensors.torch import load_file
 
 from peft_ds import load_adapter
@@ -41,19 +44,27 @@ RUNS = {
 }
 
 
+class TrainedRuns:
+    """Run directories by (name, world size); the runs of a world size are trained, in one launch, when
+    the first of them is asked for (a test selected with -k trains only what it uses)."""
+
+    def __init__(self, tmp):
+        self.tmp, self.trained = tmp, set()
+
+    def __getitem__(self, key):
+        name, world = key
+        if world not in self.trained:
+            paths = [write_config(self.tmp / f"{other}_ws{world}.yaml", self.tmp / f"{other}_ws{world}", model=model,
+                                  method=method, **{**TRAIN, **extra})
+                     for other, (model, method, extra) in RUNS[world].items()]
+            torchrun(world, paths)
+            self.trained.add(world)
+        return self.tmp / f"{name}_ws{world}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("consolidate_runs")
-    out = {}
-    for world, configs in RUNS.items():
-        paths = []
-        for name, (model, method, extra) in configs.items():
-            run_dir = tmp / f"{name}_ws{world}"
-            paths.append(write_config(tmp / f"{name}_ws{world}.yaml", run_dir, model=model, method=method,
-                                      **{**TRAIN, **extra}))
-            out[(name, world)] = run_dir
-        torchrun(world, paths)
-    return out
+    return TrainedRuns(tmp_path_factory.mktemp("consolidate_runs"))
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +347,121 @@ def test_help_lists_the_options():
     assert r.returncode == 0
     for option in ("--tag", "--format", "--merge-into-base", "--dtype", "--force", "--keep-experts", "--fold"):
         assert option in r.stdout
+
+
+# ---- outputs: never over the input, never half-swapped, never private (issue 14) ---------------------------
+
+
+def copy_whole_run(run_dir, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(run_dir, target, symlinks=True)
+    return target
+
+
+def refused(args, message):
+    """Exit 2 with one `peft-ds: error:` line naming the problem."""
+    r = consolidate(*args)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("peft-ds: error:"), r.stdout + r.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_output_never_replaces_the_checkpoint_or_base(runs, base_dirs, tmp_path):
+    run = copy_whole_run(runs[("llama_lora", 2)], tmp_path, "run")
+    base = tmp_path / "base"
+    shutil.copytree(base_dirs["tiny-llama"], base)
+    os.symlink(run, tmp_path / "run_link")
+    before = (snapshot(run), snapshot(base), sorted(os.listdir(tmp_path)))
+    cases = [
+        ([run, "--out", run], "is the run directory"),
+        ([run / "checkpoints" / "step2", "--out", run], "is the run directory"),
+        ([run, "--out", tmp_path], "contains the run directory"),
+        ([run, "--out", run / "checkpoints"], "is the checkpoint directory"),
+        ([run, "--out", run / "checkpoints" / "step2"], "lies inside the checkpoint directory"),
+        ([run, "--out", run / "checkpoints" / "step1"], "lies inside the checkpoint directory"),
+        ([run, "--out", tmp_path / "run_link" / "checkpoints" / ".." / "checkpoints" / "step2"],
+         "lies inside the checkpoint directory"),
+        ([tmp_path / "run_link", "--out", run], "is the run directory"),
+        ([run, "--out", base, "--merge-into-base", base], "is the base model directory"),
+        ([run, "--out", base / "merged", "--merge-into-base", base], "lies inside the base model directory"),
+    ]
+    for args, message in cases:
+        refused([*args, "--force"], message)
+        assert (snapshot(run), snapshot(base), sorted(os.listdir(tmp_path))) == before, args
+    # relative to the working directory
+    r = subprocess.run([sys.executable, "-m", "peft_ds", "consolidate", "run", "--out",
+                        "run/checkpoints/../checkpoints", "--force", "--quiet"], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 2 and "is the checkpoint directory" in r.stderr and snapshot(run) == before[0]
+    # a new directory inside the run, beside its checkpoints (as the Slurm job's consolidated/), is fine
+    run_ok(run, "--out", run / "consolidated", "--force")
+    run_ok(run, "--out", run / "consolidated", "--force")
+    assert {"adapter.safetensors", "adapter_config.json"} == set(os.listdir(run / "consolidated"))
+
+
+def test_unwritable_output_is_refused_before_reading(runs, tmp_path):
+    from faults import read_only_dir
+
+    run_dir = runs[("llama_lora", 2)]
+    with read_only_dir(tmp_path / "ro") as ro:
+        refused([run_dir, "--out", os.path.join(ro, "adapters", "x")], "cannot be written: no new file can be made")
+        assert os.listdir(ro) == []
+    (tmp_path / "file").write_text("x")
+    refused([run_dir, "--out", tmp_path / "file" / "x"], "is not a directory")
+    assert sorted(os.listdir(tmp_path)) == ["file", "ro"]
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_force_replacement_killed_at_every_step(runs, tmp_path, monkeypatch, swap):
+    """--force over an existing output, killed at each file-system step: the previous output stays
+    whole at --out (or the next run puts it back first), and the next run leaves no leftover."""
+    from faults import Killed, kill_at, without_exchange
+
+    from peft_ds.consolidate import consolidate as run
+
+    if swap == "two renames":
+        without_exchange(monkeypatch)
+    run_dir = runs[("llama_lora", 2)]
+    out = str(tmp_path / "adapter")
+
+    def tensors_of(path):
+        return {k: v.tolist() for k, v in load_file(os.path.join(path, "adapter.safetensors")).items()}
+
+    run(str(run_dir), out, tag="step1", progress=False)
+    old = tensors_of(out)
+    with kill_at(monkeypatch) as seen:
+        run(str(run_dir), out, force=True, progress=False)
+    new = tensors_of(out)
+    assert old != new
+    outcomes = set()
+    for step in range(seen["steps"]):
+        run(str(run_dir), out, tag="step1", force=True, progress=False)
+        with kill_at(monkeypatch, step), pytest.raises(Killed):
+            run(str(run_dir), out, force=True, progress=False)
+        if not os.path.exists(out):
+            # killed between the two renames: the next run puts the previous output back before it
+            # considers --force (so without it, it refuses to replace what it put back)
+            assert swap == "two renames"
+            with pytest.raises(PeftDsError, match="exists"):
+                run(str(run_dir), out, progress=False)
+            outcomes.add("put back")
+        adapter_model("tiny-llama", out)  # whole: loads, every checksum holds
+        outcomes.add("new" if tensors_of(out) == new else "old")
+        assert tensors_of(out) in (old, new)
+        run(str(run_dir), out, force=True, progress=False)
+        assert tensors_of(out) == new and os.listdir(tmp_path) == ["adapter"], os.listdir(tmp_path)
+    assert outcomes == ({"old", "new"} if swap == "exchange" else {"old", "new", "put back"})
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_output_modes_follow_the_umask(runs, tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        run_ok(runs[("llama_lora", 2)], "--out", tmp_path / "native")
+        run_ok(runs[("llama_lora", 2)], "--out", tmp_path / "peft", "--format", "peft")
+    finally:
+        os.umask(previous)
+    for d in ("native", "peft"):
+        assert os.stat(tmp_path / d).st_mode & 0o777 == 0o777 & ~mask
+        for name in os.listdir(tmp_path / d):
+            assert os.stat(tmp_path / d / name).st_mode & 0o777 == 0o666 & ~mask, (d, name)

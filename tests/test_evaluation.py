@@ -188,3 +188,84 @@ def test_bad_input_is_refused(capsys, tmp_path, adapter_dir):
     fails(["evaluate", "--base", "tiny-llama", "--dataset", "AQuA", "--data-dir", FIXTURES, "--out", str(out)],
           "exists (use --force")
     assert out.read_text() == "{}"
+
+
+# ---- outputs: never over an input, never after a wasted run, never half-written (issue 14) ----------------------
+
+
+def _fails_before_loading(monkeypatch, capsys, argv, message):
+    """Exit 2, one error line, and neither the model loaded nor anything generated."""
+    from peft_ds import evaluation, models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(models, "build_model", never)
+    monkeypatch.setattr(evaluation, "generate", never)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peft-ds: error:") and message in err[0], err
+
+
+def test_unwritable_out_fails_before_generating(monkeypatch, capsys, tmp_path):
+    from faults import read_only_dir
+
+    argv = ["evaluate", "--base", "tiny-llama", "--dataset", "AQuA", "--data-dir", FIXTURES, "--quiet", "--out"]
+    with read_only_dir(tmp_path / "ro") as ro:
+        _fails_before_loading(monkeypatch, capsys, argv + [os.path.join(ro, "eval", "r.json")],
+                              "cannot be written: no new file can be made in")
+        assert os.listdir(ro) == []
+    (tmp_path / "file").write_text("x")
+    _fails_before_loading(monkeypatch, capsys, argv + [str(tmp_path / "file" / "r.json")], "is not a directory")
+    assert sorted(os.listdir(tmp_path)) == ["file", "ro"] and (tmp_path / "file").read_text() == "x"
+
+
+def test_out_never_replaces_an_input(monkeypatch, capsys, tmp_path, adapter_dir):
+    from faults import tree
+
+    data = tmp_path / "data"
+    (data / "AQuA").mkdir(parents=True)
+    with open(os.path.join(FIXTURES, "AQuA", "test.json"), "rb") as f:
+        (data / "AQuA" / "test.json").write_bytes(f.read())
+    os.symlink(adapter_dir, tmp_path / "adapter_link")
+    argv = ["evaluate", "--base", "tiny-llama", "--adapter", adapter_dir, "--dataset", "AQuA", "--data-dir", str(data),
+            "--quiet", "--force", "--out"]
+    cases = {os.path.join(adapter_dir, "adapter_config.json"): "lies inside the adapter directory",
+             adapter_dir: "is the adapter directory",
+             str(tmp_path / "adapter_link" / "results.json"): "lies inside the adapter directory",
+             str(data / "AQuA" / ".." / "AQuA" / "test.json"): "is the test set"}
+    before = (tree(adapter_dir), tree(data))
+    for out, message in cases.items():
+        _fails_before_loading(monkeypatch, capsys, argv + [out], message)
+        assert (tree(adapter_dir), tree(data)) == before
+
+
+def test_results_killed_at_every_step_stay_whole(monkeypatch, tmp_path):
+    """Each of the summary and its rows file is whole (old or new) at every instant; the summary names
+    the sha256 of the rows it goes with; the next run leaves no leftover."""
+    import hashlib
+
+    from faults import Killed, kill_at
+
+    from peft_ds.evaluation import evaluate, rows_path
+
+    out = str(tmp_path / "eval" / "results.json")
+
+    def run(limit):
+        evaluate("tiny-llama", ["AQuA"], FIXTURES, limit=limit, num_beams=1, max_new_tokens=2, out=out, force=True,
+                 progress=False)
+        return open(out).read(), open(rows_path(out)).read()
+
+    old = run(2)
+    with kill_at(monkeypatch) as seen:
+        new = run(1)
+    assert old != new and json.loads(new[0])["rows_sha256"] == hashlib.sha256(new[1].encode()).hexdigest()
+    for step in range(seen["steps"]):
+        for path, text in zip((out, rows_path(out)), old):
+            with open(path, "w") as f:
+                f.write(text)
+        with kill_at(monkeypatch, step), pytest.raises(Killed):
+            run(1)
+        summary, lines = open(out).read(), open(rows_path(out)).read()
+        assert summary in (old[0], new[0]) and lines in (old[1], new[1]), step
+        assert run(1) == new and sorted(os.listdir(tmp_path / "eval")) == ["results.json", "results.jsonl"]

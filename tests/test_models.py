@@ -115,3 +115,143 @@ def test_gptj_directory_with_hf_tokenizer_files(tmp_path):
     example = tokenize_record(tokenizer, {"instruction": "What is 6 x 7?", "input": "", "output": "The answer is 42."},
                               cutoff_len=512, train_on_inputs=False)
     assert example["input_ids"][-1] == tokenizer.eos_token_id and -100 in example["labels"]
+
+
+# ---- kills, failed loads, permissions, outputs over inputs (issue 14) -----------------------------------------
+
+
+def _lora_model(seed):
+    model = peft_ds.apply_peft(build_preset("tiny-llama").eval(), peft_ds.PeftSpec(method="lora", r=4, alpha=8))
+    randomize_adapters(model, seed=seed, std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_adapter_export_killed_at_every_step_keeps_the_previous_adapter(tmp_path, monkeypatch, swap):
+    from faults import Killed, kill_at, without_exchange
+
+    from peft_ds import outputs
+    from peft_ds.adapter_io import read_adapter
+
+    def tree(path):  # the config (with a sha256 per tensor), once every tensor matches its checksum
+        return read_adapter(path)[0]
+
+    if swap == "two renames":
+        without_exchange(monkeypatch)
+    out = str(tmp_path / "adapter")
+    old_model, new_model = _lora_model(1), _lora_model(2)
+    save_adapter(old_model, out, base_model="tiny-llama")
+    old = tree(out)
+    save_adapter(new_model, out, base_model="tiny-llama")
+    new = tree(out)
+    assert old != new
+    with kill_at(monkeypatch) as seen:
+        save_adapter(old_model, out, base_model="tiny-llama")
+    for step in range(seen["steps"]):
+        save_adapter(old_model, out, base_model="tiny-llama")
+        with kill_at(monkeypatch, step), pytest.raises(Killed):
+            save_adapter(new_model, out, base_model="tiny-llama")
+        if not os.path.exists(out):  # killed between the two renames: the next writer puts it back
+            assert swap == "two renames" and outputs.recover(out)
+        assert tree(out) in (old, new), step
+        save_adapter(new_model, out, base_model="tiny-llama")
+        assert tree(out) == new and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_failed_load_adapter_leaves_the_model_as_it_was(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_ds.adapter_io import CONFIG, WEIGHTS
+
+    good = _lora_model(3)
+    save_adapter(good, str(tmp_path / "good"), base_model="tiny-llama")
+    ids, _ = random_batch()
+    base_logits = build_preset("tiny-llama").eval()(input_ids=ids).logits
+
+    def broken(name, edit_config=None, edit_state=None):
+        d = tmp_path / name
+        d.mkdir()
+        config = json.loads((tmp_path / "good" / CONFIG).read_text())
+        state = load_file(str(tmp_path / "good" / WEIGHTS))
+        if edit_state:
+            edit_state(state, config)
+        if edit_config:
+            edit_config(config)
+        save_file(state, str(d / WEIGHTS))
+        (d / CONFIG).write_text(json.dumps(config))
+        return str(d)
+
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+
+    def drop(state, config):
+        del state[key], config["sha256"][key]
+
+    def tamper(state, config):
+        state[key] = state[key] + 1
+
+    cases = {broken("shape", edit_config=lambda c: c["peft_spec"].update(r=8)):
+             "has shape (4, 256), the model expects (8, 256)",
+             broken("missing", edit_state=drop): f"missing 1 key(s), e.g. {key}",
+             broken("checksum", edit_state=tamper): "fails its sha256 checksum"}
+    model = build_preset("tiny-llama").eval()
+    for adapter_dir, message in cases.items():
+        with pytest.raises(PeftDsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_adapter(model, adapter_dir)
+        assert getattr(model, "peft_spec", None) is None
+        assert all(p.requires_grad for p in model.parameters())
+        assert torch.equal(model(input_ids=ids).logits, base_logits)
+    load_adapter(model, str(tmp_path / "good"))  # the same model takes a correct adapter afterwards
+    assert torch.equal(model(input_ids=ids).logits, good(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_adapter_and_preset_modes_follow_the_umask(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        save_adapter(_lora_model(4), str(tmp_path / "adapter"), base_model="tiny-llama")
+        r = _cli("preset", "tiny-gptj", str(tmp_path / "preset"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        os.umask(previous)
+    for d in ("adapter", "preset"):
+        assert os.stat(tmp_path / d).st_mode & 0o777 == 0o777 & ~mask
+        for name in os.listdir(tmp_path / d):
+            assert os.stat(tmp_path / d / name).st_mode & 0o777 == 0o666 & ~mask, (d, name)
+    assert {"adapter.safetensors", "adapter_config.json"} == set(os.listdir(tmp_path / "adapter"))
+    assert "model.safetensors" in os.listdir(tmp_path / "preset")
+
+
+def test_preset_force_replaces_symlinks_never_their_targets(tmp_path):
+    """A directory of links to another model's files: --force replaces the links, the files stay."""
+    from faults import tree
+
+    write_preset("tiny-llama", str(tmp_path / "shared"))
+    shared = tree(tmp_path / "shared")
+    (tmp_path / "links").mkdir()
+    for name in shared:
+        os.symlink(tmp_path / "shared" / name, tmp_path / "links" / name)
+    r = _cli("preset", "tiny-gptj", str(tmp_path / "links"), "--force")
+    assert r.returncode == 0, r.stderr
+    assert tree(tmp_path / "shared") == shared
+    assert not os.path.islink(tmp_path / "links" / "model.safetensors")
+    assert load_model_dir(str(tmp_path / "links"))[0].config.model_type == "gptj"
+
+
+def test_smoothness_out_never_replaces_its_data(tmp_path, capsys):
+    from peft_ds.cli import main
+
+    from conftest import ROOT as root
+
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "smoothness.json"
+    with open(os.path.join(root, "peft_ds", "assets", "math_sample.json"), "rb") as f:
+        data.write_bytes(f.read())
+    before = data.read_bytes()
+    assert main(["smoothness", "--model", "tiny-llama", "--data", str(data), "--num-examples", "2", "--out",
+                 str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peft-ds: error: --out ") and "is the data file" in err[0], err
+    assert data.read_bytes() == before and os.listdir(out) == ["smoothness.json"]
