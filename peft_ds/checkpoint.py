@@ -16,6 +16,10 @@ from .errors import PeftDsError, read_json
 
 LATEST = "latest"
 META = "peft_ds_checkpoint.json"
+# What `peft-ds train` writes into a run directory besides `checkpoints/` (BiLoRA adds lam.*): the
+# results that no other command's output may replace.
+RUN_OUTPUTS = ("config.yaml", "ds_config.json", "metrics.jsonl", "loss.png", "adapter", "preempted.json", "lam.json",
+               "lam.png")
 
 
 def rank_files(tag_dir: str, world_size: int, zero_stage: int = 3) -> list[str]:

@@ -357,14 +357,19 @@ def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, p
 
 def _check_output(path: str, out: str, merge_into_base: str | None) -> None:
     """The output is apart from everything consolidate reads (the checkpoints root: every tag and
-    `latest`; the base model to merge into) and is neither the run directory nor holds it (a run's
-    `consolidated/` is fine); its directory takes a new file."""
+    `latest`; the base model to merge into) and from what training wrote beside the checkpoints
+    (config.yaml, metrics.jsonl, adapter/, ...), is neither the run directory nor holds it (a new
+    `consolidated/` in the run is fine); its directory takes a new file."""
     root, _ = resolve_root(path)
     inputs = [("the checkpoint directory", root)]
     if merge_into_base:
         inputs.append(("the base model directory", merge_into_base))
     run = os.path.dirname(os.path.abspath(root))
-    enclosing = [("the run directory", run)] if os.path.basename(os.path.abspath(root)) == "checkpoints" else []
+    enclosing = []
+    if os.path.basename(os.path.abspath(root)) == "checkpoints":
+        enclosing.append(("the run directory", run))
+        inputs += [(f"the run's {name}", os.path.join(run, name)) for name in checkpoint.RUN_OUTPUTS
+                   if os.path.lexists(os.path.join(run, name))]
     outputs.check_apart(out, "--out", inputs, enclosing)
     outputs.check_writable(out)
 
