@@ -29,5 +29,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "peft", "mpi4py", "mpich"], "mpi": ["mpi4py"]},
-    entry_points={"console_scripts": ["peft-ds=peft_ds.cli:main"]},
+    entry_points={"console_scripts": ["peft-ds=peft_ds.cli:console"]},
 )

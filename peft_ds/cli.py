@@ -133,12 +133,16 @@ def cmd_train(args) -> int:
         train.prepare(config, args.nproc)
         argv = ["train", args.config] + [x for item in args.set for x in ("--set", item)]
         return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED)
+    from .distributed import shutdown
+
     try:
         train.train(config)
     except train.Preempted:
+        shutdown()  # every rank stopped at the same step
         if os.environ.get("RANK", "0") == "0":
             print("peft-ds: stopped on a signal after saving a checkpoint; resume with --resume", file=sys.stderr)
         return train.EXIT_PREEMPTED
+    shutdown()  # not on an error: a peer may be gone, and the launcher ends the job anyway
     return 0
 
 
@@ -301,5 +305,13 @@ def main(argv=None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `peft-ds` command and `python -m peft_ds`: `main`, then `exit_process` (a rank that held a
+    process group leaves through os._exit)."""
+    from .distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

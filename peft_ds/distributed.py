@@ -35,6 +35,7 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_POR
 # Set by mpirun / mpiexec (Open MPI; MPICH's hydra and srun --mpi=pmi2) in every rank it starts.
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _discovered: tuple[dict, str] | None = None
+_had_process_group = False  # see exit_process
 
 
 def _count(env, name) -> int:
@@ -136,6 +137,8 @@ def init() -> tuple[int, int]:
             torch.cuda.set_device(int(variables["LOCAL_RANK"]))
         timeout = datetime.timedelta(minutes=float(os.environ.get("PEFT_DS_DIST_TIMEOUT", "30")))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        global _had_process_group
+        _had_process_group = True
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -171,10 +174,43 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def shutdown() -> None:
+    """End this rank's share of a run that finished (or stopped on a signal) on every rank: wait for all
+    ranks, so that none closes its sockets while a peer still uses them, then destroy the process group.
+    Collective; never on an error path, where a peer may be gone. The gloo threads outlive this call:
+    ZeRO-3 keeps the engine, and through it the groups, for the life of the process; `exit_process`
+    ends the process without tearing down the C++ runtime under them."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. A process that held a process group leaves through os._exit after Python's
+    atexit handlers and a flush: a normal exit tears down the interpreter and the C++ runtime while the
+    gloo worker and socket threads still run (ZeRO-3 keeps them alive, see `shutdown`), and a thread that
+    wakes meanwhile aborts the rank (SIGABRT, "terminate called without an active exception") after a
+    run that finished: the job is reported failed (and requeued under Slurm)."""
+    import atexit
+    import sys
+
+    if not _had_process_group:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
     """Start `python -m peft_ds ARGV` as `nproc` local ranks (torchrun's environment), forward
     SIGTERM/SIGUSR1/SIGINT to them, and stop them all as soon as one fails, so that a dead rank never
-    leaves the others hanging in a collective. Returns 0, `preempted_code`, or the failing code."""
+    leaves the others hanging in a collective. Returns 0, `preempted_code`, or the failing code (128 + N
+    for a rank killed by signal N, as a shell reports it; each failing rank is named on stderr)."""
     import signal
     import subprocess
     import sys
@@ -199,7 +235,8 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0, preempted_code)]
+            failed = [(rank, p.returncode) for rank, p in enumerate(procs)
+                      if p.returncode not in (None, 0, preempted_code)]
             if failed:
                 for p in procs:
                     if p.poll() is None:
@@ -210,7 +247,7 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
                         p.wait(timeout=max(0.1, deadline - time.time()))
                     except subprocess.TimeoutExpired:
                         p.kill()
-                return failed[0] if failed[0] > 0 else 1
+                return _failure(*failed[0])
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():
@@ -218,4 +255,19 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
     codes = [p.returncode for p in procs]
     if preempted_code in codes:
         return preempted_code
-    return next((c for c in codes if c != 0), 0)
+    return next((_failure(rank, c) for rank, c in enumerate(codes) if c != 0), 0)
+
+
+def _failure(rank: int, code: int) -> int:
+    import signal
+    import sys
+
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        print(f"peft-ds: rank {rank} was killed by {name}", file=sys.stderr, flush=True)
+        return 128 - code
+    print(f"peft-ds: rank {rank} exited with code {code}", file=sys.stderr, flush=True)
+    return code

@@ -1,13 +1,15 @@
 """peft-ds train on real DeepSpeed (gloo, CPU): 2-rank ZeRO-3 vs 1-rank equivalence for every core
 method on both architectures, activation checkpointing, ZeRO-2 / no-ZeRO debugging runs, adapter-only
-optimizer state and adapter-sized checkpoints, bf16."""
+optimizer state and adapter-sized checkpoints, bf16; finished runs exit 0 under CPU load."""
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from launch import adapter, assert_same_adapter, losses, torchrun, write_config
+from launch import adapter, assert_same_adapter, losses, peft_ds, torchrun, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +153,20 @@ def test_deepspeed_op_is_compiled_once_inside_this_environment(runs, tmp_path):
                           check=True).stdout.strip() == chosen
     if os.environ["TORCH_EXTENSIONS_DIR"] == ours:  # not overridden by whoever runs the suite
         assert glob.glob(os.path.join(ours, "**", "deepspeed_shm_comm*.so"), recursive=True)
+
+
+def test_finished_runs_exit_0_under_cpu_load(tmp_path):
+    """Issue 13.8: ten short 2-rank runs (`--nproc 2`) while two busy loops keep both cores busy; each
+    exits 0. A rank that aborts at exit after finishing (SIGABRT, "terminate called without an active
+    exception": interpreter and C++ teardown under live gloo threads) fails its run (134 since issue 13.8)."""
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for k in range(10):
+            config = write_config(tmp_path / f"run{k}.yaml", tmp_path / f"run{k}", max_steps=1)
+            r = peft_ds("train", config, "--nproc", "2")
+            assert r.returncode == 0, f"run {k} exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+            assert "checkpoint:" in r.stdout and "terminate called" not in r.stderr
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
