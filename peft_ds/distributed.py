@@ -121,6 +121,28 @@ def world_size_from_env() -> int:
     return int(discover()[0]["WORLD_SIZE"])
 
 
+def die_with_launcher(poll_seconds: float = 0.5) -> None:
+    """End this rank when the process that started it is gone (its parent changes: `--nproc`, torchrun,
+    the deepspeed launcher, mpirun's proxy or srun's step daemon was killed), instead of training on
+    alone and writing into output_dir. A thread watches the parent; the parent-death signal of Linux
+    would fire when the launcher's *thread* that started the rank ends, which no launcher promises.
+    Ranks started from a shell with no launcher are not watched: `nohup peft-ds train` outlives it."""
+    import threading
+    import time
+
+    parent = int(os.environ.get("PEFT_DS_LAUNCHER_PID") or os.getppid())
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        sys.stderr.write(f"peft-ds: error: rank {os.environ.get('RANK', '?')}: its launcher (pid {parent}) is gone; "
+                         f"stopping this rank\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="peft-ds-launcher-watch", daemon=True).start()
+
+
 def init() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed through DeepSpeed once per process, with the
     ranks `discover` finds. PEFT_DS_DIST_TIMEOUT (minutes, default 30) bounds every collective, so a
@@ -130,7 +152,9 @@ def init() -> tuple[int, int]:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        variables, _ = discover()
+        variables, source = discover()
+        if source != "single process":
+            die_with_launcher()
         os.environ.update(variables)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -225,6 +249,7 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
                "OMP_NUM_THREADS": threads}
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
+        env["PEFT_DS_LAUNCHER_PID"] = str(os.getpid())  # a rank that finds another parent stops at once
         procs.append(subprocess.Popen([sys.executable, "-m", "peft_ds", *argv], env=env))
 
     def forward(signum, frame):

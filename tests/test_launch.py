@@ -224,6 +224,23 @@ def test_killed_rank_fails_the_job(cluster, tmp_path):
     assert not subprocess.run(["pgrep", "-f", f"output_dir={run}"], capture_output=True).stdout
 
 
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
+def test_cancelled_job_leaves_no_rank_behind(cluster, tmp_path, mode):
+    """scancel mid-run: every process of the job (launcher, torchrun, ranks) is gone within a minute,
+    also under proctrack/linuxproc, which loses a rank whose parent died (the rank watches its parent)."""
+    run = tmp_path / "cancelled_run"
+    env = job_env(cluster.env, run, LAUNCH_MODE=mode, EXTRA_ARGS=TINY.replace(f"max_steps={STEPS}", "max_steps=500"))
+    job = submit(cluster, "slurm/llama13b_lora_sibo.sh", env, str(tmp_path / "job.out"))
+    wait_for_step(run, 1)
+    subprocess.run(["scancel", job], env=cluster.env, check=True)
+    assert wait_for_end(cluster, job, timeout=180) == "CANCELLED"
+    deadline = time.time() + 90
+    while subprocess.run(["pgrep", "-f", f"output_dir={run}"], capture_output=True).stdout and time.time() < deadline:
+        time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-af", f"output_dir={run}"], capture_output=True, text=True).stdout
+    assert not left, left
+
+
 @pytest.mark.parametrize("change,message", [
     ({"LAUNCH_MODE": "slurmrun"}, "unknown LAUNCH_MODE 'slurmrun'"),
     ({"MODEL_PATH": ""}, "MODEL_PATH=/path/to/llama-13b-hf does not exist"),  # unset: the script's placeholder

@@ -112,6 +112,26 @@ def test_signal_saves_exits_75_and_resumes(reference, tmp_path, signum):
     assert_same_run(tmp_path / "signalled", reference)
 
 
+def test_ranks_die_with_their_launcher(tmp_path):
+    """SIGKILL of `peft-ds train --nproc 2` (nothing can forward it) ends both ranks within seconds:
+    none trains on with parent 1, writing into output_dir."""
+    import psutil
+
+    cfg = write_config(tmp_path / "orphan.yaml", tmp_path / "orphan", model="tiny-gptj", method=METHOD,
+                       max_steps=10_000, save_every=0)
+    proc = start(cfg)
+    wait_for_step(tmp_path / "orphan", 1, proc)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only, not its process group
+    proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, [p.pid for p in alive]
+    size = os.path.getsize(tmp_path / "orphan" / "metrics.jsonl")
+    time.sleep(2)
+    assert os.path.getsize(tmp_path / "orphan" / "metrics.jsonl") == size
+
+
 def test_incomplete_checkpoints_are_refused(reference, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(reference, run)
