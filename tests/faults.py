@@ -76,3 +76,11 @@ def read_only_dir(path):
         yield str(path)
     finally:
         subprocess.run(["umount", str(path)], check=True, capture_output=True)
+
+
+def assert_modes_follow(umask, *dirs):
+    """Each directory and every file in it has the mode the umask gives a new one (0755 / 0644 under 022)."""
+    for d in dirs:
+        assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
+        for name in os.listdir(d):
+            assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, (d, name)

@@ -215,10 +215,9 @@ def test_adapter_and_preset_modes_follow_the_umask(tmp_path, mask):
         assert r.returncode == 0, r.stderr
     finally:
         os.umask(previous)
-    for d in ("adapter", "preset"):
-        assert os.stat(tmp_path / d).st_mode & 0o777 == 0o777 & ~mask
-        for name in os.listdir(tmp_path / d):
-            assert os.stat(tmp_path / d / name).st_mode & 0o777 == 0o666 & ~mask, (d, name)
+    from faults import assert_modes_follow
+
+    assert_modes_follow(mask, tmp_path / "adapter", tmp_path / "preset")
     assert {"adapter.safetensors", "adapter_config.json"} == set(os.listdir(tmp_path / "adapter"))
     assert "model.safetensors" in os.listdir(tmp_path / "preset")
 
