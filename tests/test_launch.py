@@ -87,13 +87,15 @@ def wait_for_end(cluster, job_id, timeout=600):
 
 
 def start_requeued_now(cluster, job_id, timeout=600):
-    """Slurm holds a requeued job for about 2 minutes (Reason=BeginTime): start it as soon as it is held."""
+    """Slurm holds a requeued job for about 2 minutes (Reason=BeginTime): start it a few seconds after it
+    is held. Not at once: slurmd revoked the job's credential when it killed the first run, and a new
+    credential issued within the same second is refused ("Job credential revoked", the job fails)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         r = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True, text=True)
         fields = r.stdout.split()
         if "JobState=PENDING" in fields and "Restarts=0" not in fields:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], env=cluster.env,
                            capture_output=True)
             return
         if any(f"JobState={state}" in fields for state in ENDED):

@@ -94,8 +94,14 @@ def test_gradient_checkpointing_under_zero3(runs, model, label):
 
 @pytest.mark.parametrize("ds", ["zero2_bf16", "no_zero_cpu"])
 def test_zero2_and_no_zero_debug_runs_match_zero3(runs, ds):
-    assert_same_adapter(adapter(runs / f"tiny-llama-lora-sibo-w1-{ds}"), adapter(runs / "tiny-llama-lora-sibo-w1"),
-                        tol=1e-5)
+    # 5e-5 as in test_two_ranks_equal_one_rank, for the same reason: after the training prompt and tiny
+    # tokenizer were corrected (2026-12-01) one tensor, layer 3's q_proj LoRA B, differs by 1.7e-5 between
+    # ZeRO-3 and ZeRO-2 / no ZeRO (every other tensor by <= 1.6e-6, the losses by 3e-8): ZeRO-3's flat
+    # buffers sum in another order, and Adam's first steps amplify that in near-zero-gradient elements
+    debug, zero3 = runs / f"tiny-llama-lora-sibo-w1-{ds}", runs / "tiny-llama-lora-sibo-w1"
+    assert_same_adapter(adapter(debug), adapter(zero3), tol=5e-5)
+    la, lb = losses(zero3), losses(debug)
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= 1e-6 * abs(la[s]) for s in la)
 
 
 def test_optimizer_state_is_adapter_only_and_checkpoints_adapter_sized(runs):
