@@ -161,7 +161,7 @@ def _remove(path: str) -> None:
 
 def _legacy_backups(path: str) -> list[str]:
     """Previous outputs that an earlier `peft-ds consolidate --force`, killed between its two renames,
-    left aside as `.NAME.partial-XXXXXXXX.old` (mkdtemp's suffix)."""
+    left aside as `.NAME.partial-<8 random characters>.old` (mkdtemp's suffix)."""
     parent, name = os.path.split(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(name)}\.partial-[A-Za-z0-9_]{{8}}\.old")
     try:

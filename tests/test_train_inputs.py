@@ -3,6 +3,7 @@ leaves no output behind; the README demo run trains (loss falls by at least 30%)
 
 import json
 import os
+import pathlib
 import sys
 
 import pytest
@@ -211,6 +212,34 @@ def test_deepspeed_config_contradictions(capsys, tmp_path, base, deepspeed, dtyp
     ("- model\n- data\n", "must be a YAML mapping of sections, got a list"),
     ("just a string\n", "must be a YAML mapping of sections, got a str"),
 ], ids=["zero_bytes", "comments_only", "empty_mapping", "list", "scalar"])
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_empty_or_non_mapping_config_is_refused(capsys, tmp_path, text, message, command, monkeypatch):
+    """A 0-byte YAML started a full run on the defaults (in runs/default); a list was a traceback."""
+    monkeypatch.chdir(tmp_path)  # the defaults' output_dir, runs/default, would land here
+    (tmp_path / "run.yaml").write_text(text)
+    argv = [command, str(tmp_path / "run.yaml"), "--set", "train.lr=1e-3"]
+    line = refused(capsys, argv + (["--nproc", "2"] if command == "train" else ["--world-size", "2"]), message,
+                   tmp_path / "runs")
+    assert f"run config {tmp_path / 'run.yaml'} " in line
+
+
+def test_output_dir_that_is_a_file_is_refused(capsys, tmp_path, base):
+    (tmp_path / "out").write_text("notes\n")
+    refused(capsys, ["train", base, "--nproc", "2"], "output_dir " + str(tmp_path / "out") + " exists and is not a "
+            "directory", tmp_path / "out")
+    refused(capsys, ["train", base, "--nproc", "2", "--set", f"output_dir={tmp_path}/out/run"],
+            f"output_dir {tmp_path}/out/run cannot be made: {tmp_path}/out is not a directory", tmp_path / "out")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can create files in, root included (tests/faults.py)."""
+    from faults import read_only_dir as read_only
+
+    with read_only(tmp_path / "shared") as path:
+        yield pathlib.Path(path)
+
+
 @pytest.mark.parametrize("command", ["train", "check"])
 def test_empty_or_non_mapping_config_is_refused(capsys, tmp_path, text, message, command, monkeypatch):
     """A 0-byte YAML started a full run on the defaults (in runs/default); a list was a traceback."""
