@@ -241,50 +241,6 @@ def read_only_dir(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "check"])
-def test_empty_or_non_mapping_config_is_refused(capsys, tmp_path, text, message, command, monkeypatch):
-    """A 0-byte YAML started a full run on the defaults (in runs/default); a list was a traceback."""
-    monkeypatch.chdir(tmp_path)  # the defaults' output_dir, runs/default, would land here
-    (tmp_path / "run.yaml").write_text(text)
-    argv = [command, str(tmp_path / "run.yaml"), "--set", "train.lr=1e-3"]
-    line = refused(capsys, argv + (["--nproc", "2"] if command == "train" else ["--world-size", "2"]), message,
-                   tmp_path / "runs")
-    assert f"run config {tmp_path / 'run.yaml'} " in line
-
-
-def test_output_dir_that_is_a_file_is_refused(capsys, tmp_path, base):
-    (tmp_path / "out").write_text("notes\n")
-    refused(capsys, ["train", base, "--nproc", "2"], "output_dir " + str(tmp_path / "out") + " exists and is not a "
-            "directory", tmp_path / "out")
-    refused(capsys, ["train", base, "--nproc", "2", "--set", f"output_dir={tmp_path}/out/run"],
-            f"output_dir {tmp_path}/out/run cannot be made: {tmp_path}/out is not a directory", tmp_path / "out")
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory nobody can create files in: mode 0555, and (root ignores modes) immutable when root."""
-    import subprocess
-
-    path = tmp_path / "shared"
-    path.mkdir()
-    os.chmod(path, 0o555)
-    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
-    try:
-        writable = True
-        try:
-            open(path / "probe", "w").close()
-            os.remove(path / "probe")
-        except OSError:
-            writable = False
-        if writable:
-            pytest.skip("cannot make a directory read-only for this user here")
-        yield path
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        os.chmod(path, 0o755)
-
-
-@pytest.mark.parametrize("command", ["train", "check"])
 def test_output_dir_not_writable_is_refused(capsys, tmp_path, base, read_only_dir, command):
     out = read_only_dir / "run" / "a"
     argv = [command, base, "--set", f"output_dir={out}"] + (["--nproc", "2"] if command == "train"
