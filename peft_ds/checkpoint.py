@@ -157,14 +157,10 @@ def check_resume(tag_dir: str, meta: dict, model, name_or_path: str, world_size:
                           f"({changed}): resume with the checkpoint's settings or choose another output_dir")
 
 
-def load(engine, root: str, world_size: int, objective=None) -> tuple[int, dict]:
-    """Resume: (step, meta) of the newest complete checkpoint, loaded into the engine."""
+def load(engine, root: str, objective=None) -> tuple[int, dict]:
+    """Resume: (step, meta) of the newest complete checkpoint, loaded into the engine (that it fits this
+    run, world size included, `check_resume` has checked before any rank started)."""
     tag, meta = find_checkpoint(root)
-    if meta["world_size"] != world_size:
-        raise PeftDsError(
-            f"checkpoint {os.path.join(root, tag)} was written by {meta['world_size']} ranks, this run has "
-            f"{world_size}: ZeRO partitions cannot be resumed on another world size"
-        )
     try:
         _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)

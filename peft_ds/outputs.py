@@ -88,19 +88,29 @@ def check_apart(out: str, option: str, inputs=(), enclosing=()) -> None:
                           f"replaces an input, with or without --force: choose another {option}")
 
 
+def nearest_existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def probe(path: str) -> None:
+    """Create and remove the new file `path` (OSError when that cannot be done): permissions alone do
+    not tell whether a directory takes a file (root, read-only mounts, ACLs)."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    os.remove(path)
+
+
 def check_writable(out: str, option: str = "--out") -> None:
-    """The directory that will hold `out` exists or can be made, and takes a new file: a probe is
-    created and removed there (permissions alone do not tell: root, read-only mounts, ACLs)."""
+    """The directory that will hold `out` exists or can be made, and takes a new file (`probe`)."""
     parent = os.path.dirname(os.path.abspath(out))
-    existing = parent
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(parent)
     if not os.path.isdir(existing):
         raise PeftDsError(f"{option} {out} cannot be written: {existing} is not a directory")
-    probe = _sibling(out, "partial") if existing == parent else os.path.join(existing, f".peft-ds-probe-{_owner()}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        probe(_sibling(out, "partial") if existing == parent else os.path.join(existing, f".peft-ds-probe-{_owner()}"))
     except OSError as err:
         raise PeftDsError(f"{option} {out} cannot be written: no new file can be made in {existing} "
                           f"({err.strerror})") from None

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import time
 import warnings
 
 import torch
 
-from . import checkpoint, data, distributed, ds_config, models
+from . import checkpoint, data, distributed, ds_config, models, outputs
 from .adapter_io import save_adapter
 from .config import SCHEDULES, RunConfig, check_world_size, write_config
 from .errors import PeftDsError
@@ -94,15 +93,11 @@ def _check_output_dir(output_dir: str) -> None:
     its nearest existing ancestor (train() makes it, later)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise PeftDsError(f"output_dir {output_dir} exists and is not a directory")
-    ancestor = os.path.abspath(output_dir)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = outputs.nearest_existing(output_dir)
     if not os.path.isdir(ancestor):
         raise PeftDsError(f"output_dir {output_dir} cannot be made: {ancestor} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".peft-ds-probe-", dir=ancestor)
-        os.close(fd)
-        os.remove(probe)
+        outputs.probe(os.path.join(ancestor, f".peft-ds-probe-{os.getpid()}"))
     except OSError as err:
         raise PeftDsError(f"output_dir {output_dir} is not writable: cannot create a file in {ancestor} "
                           f"({err.strerror})") from None
@@ -277,7 +272,7 @@ def train(config: RunConfig) -> dict:
 
     start = 0
     if run["resume"]:
-        start, _ = checkpoint.load(engine, ckpt_root, world, objective)
+        start, _ = checkpoint.load(engine, ckpt_root, objective)
         if is_main:
             _truncate_metrics(metrics_path, start)
             print(f"resumed from {ckpt_root} at step {start}", flush=True)
