@@ -98,6 +98,16 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return config
 
 
+def preset_depth(adapter_config: dict, base: str, num_layers: int | None) -> int | None:
+    """The depth to build a preset `base` at for an adapter: `num_layers` when given, else the depth the
+    adapter was trained on (a model directory is always taken whole: None)."""
+    from .models import PRESETS
+
+    if num_layers is not None or base not in PRESETS:
+        return num_layers
+    return signature(adapter_config["base"])["num_hidden_layers"]
+
+
 def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
     """(config, tensors) of a native adapter directory, every tensor checked against its sha256."""
     from safetensors import SafetensorError

@@ -115,9 +115,9 @@ def check_files(tag_dir: str, meta: dict) -> None:
             raise PeftDsError(f"checkpoint {tag_dir} is damaged: {name} is not a complete torch file (truncated?)")
 
 
-def check_resume(tag_dir: str, meta: dict, model, name_or_path: str, world_size: int, zero_stage: int) -> None:
+def check_resume(tag_dir: str, meta: dict, model, source, world_size: int, zero_stage: int) -> None:
     """Before any rank starts: the checkpoint fits this run, whose adapters are injected into `model`
-    (the meta-device skeleton of `name_or_path`): the same method, base shape, adapter parameter names
+    (the meta-device skeleton of `source`, the run config's model section): the same method, base shape, adapter parameter names
     and shapes (the checkpoint's spec injected into a second skeleton), world size and ZeRO stage.
     One line names the difference."""
     from .adapter_io import model_signature
@@ -138,14 +138,14 @@ def check_resume(tag_dir: str, meta: dict, model, name_or_path: str, world_size:
                           f"config has stage {zero_stage}")
     base = {k: meta["base"].get(k) for k in model_signature(model)}
     if base != model_signature(model):
-        raise PeftDsError(f"checkpoint {tag_dir} was trained on a base with {base}, this run's model {name_or_path} "
+        raise PeftDsError(f"checkpoint {tag_dir} was trained on a base with {base}, this run's model {source.name_or_path} "
                           f"has {model_signature(model)}")
     saved, asked = meta["peft_spec"], spec.to_dict()
     if saved == asked:
         return
     changed = ", ".join(f"method.{k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} in the config"
                         for k in asked if saved.get(k) != asked[k])
-    skeleton = build_skeleton(name_or_path)
+    skeleton = build_skeleton(source.name_or_path, source.num_layers)
     try:
         with torch.random.fork_rng(devices=[]):
             apply_peft(skeleton, PeftSpec.from_dict(saved))

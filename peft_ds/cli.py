@@ -78,13 +78,14 @@ def cmd_demo(args) -> int:
 def cmd_preset(args) -> int:
     from .models import write_preset
 
-    out = write_preset(args.name, args.dir, force=args.force)
-    print(f"wrote preset {args.name} to {out}")
+    out = write_preset(args.name, args.dir, force=args.force, num_layers=args.num_layers)
+    depth = f" ({args.num_layers} layers)" if args.num_layers else ""
+    print(f"wrote preset {args.name}{depth} to {out}")
     return 0
 
 
 def cmd_smoothness(args) -> int:
-    from .adapter_io import load_adapter, read_adapter_config
+    from .adapter_io import load_adapter, preset_depth, read_adapter_config
     from .data import prompt_batch, read_records
     from .diagnostics import token_similarity
     from .models import load_model
@@ -99,11 +100,11 @@ def cmd_smoothness(args) -> int:
     records = read_records(args.data)[: args.num_examples]
     curves = {}
     for name in args.model:
-        model, tokenizer = load_model(name)
+        model, tokenizer = load_model(name, num_layers=args.num_layers)
         curves[name] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
     for adapter_dir, config in adapters:
         base = config.get("base_model") or args.model[0]
-        model, tokenizer = load_model(base)
+        model, tokenizer = load_model(base, num_layers=preset_depth(config, base, args.num_layers))
         load_adapter(model, adapter_dir)
         run_name = os.path.basename(os.path.dirname(os.path.abspath(adapter_dir)))
         curves[f"{base} + {run_name}"] = token_similarity(model, prompt_batch(tokenizer, records, args.cutoff_len))
@@ -153,7 +154,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate(args.base, datasets, args.data_dir, adapter=args.adapter, batch_size=args.batch_size,
                       num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, extractor=args.extractor,
                       out=args.out, limit=args.limit, deepspeed_config=args.deepspeed, force=args.force,
-                      progress=not args.quiet)
+                      progress=not args.quiet, num_layers=args.num_layers)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.base}{' + ' + args.adapter if args.adapter else ''}: accuracy (%), extractor "
               f"{args.extractor} (the other beside it), {report['world_size']} rank(s)")
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompt and extract them as upstream does (faithful) and with the fixes (robust). Several ranks "
                        "(torchrun, srun, mpirun) share the test set; --deepspeed partitions the model with ZeRO-3.")
     p.add_argument("--base", required=True, help="preset or local HF model directory")
+    p.add_argument("--num-layers", type=int, default=None, help="a preset base's depth (default: the depth the "
+                   "adapter was trained on, model.num_layers; without an adapter the preset's own)")
     p.add_argument("--adapter", default=None, help="peft-ds adapter directory (default: the base model alone)")
     p.add_argument("--dataset", required=True, help="comma-separated: gsm8k, AQuA, SVAMP, mawps, AddSub, MultiArith, "
                    "SingleEq, boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, ARC-Easy, openbookqa")
@@ -273,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_consolidate)
 
-    p = sub.add_parser("preset", help="write a tiny preset as a local Hugging Face model directory")
-    p.add_argument("name", help="tiny-llama or tiny-gptj")
+    p = sub.add_parser("preset", help="write a preset (random weights) as a local Hugging Face model directory")
+    p.add_argument("name", help="tiny-llama, tiny-gptj, or a real shape: llama-7b-shape, llama-13b-shape, gptj-6b-shape")
+    p.add_argument("--num-layers", type=int, default=None, help="cut the depth to this many layers (default: "
+                   "the preset's own)")
     p.add_argument("dir", help="output directory (config.json, model.safetensors, tokenizer.model)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.set_defaults(func=cmd_preset)
@@ -282,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoothness", help="over-smoothing diagnostic (SIBO Eq. 3) per layer, as JSON and PNG")
     p.add_argument("--model", action="append", default=[], help="preset or model directory (repeatable)")
     p.add_argument("--adapter", action="append", default=[], help="peft-ds adapter directory (repeatable)")
+    p.add_argument("--num-layers", type=int, default=None, help="a preset's depth (default: the preset's own; "
+                   "an adapter's preset base: the depth it was trained on)")
     p.add_argument("--data", default=DEFAULT_DATA, help="LLM-Adapters JSON file (default: shipped math sample)")
     p.add_argument("--num-examples", type=int, default=32)
     p.add_argument("--cutoff-len", type=int, default=256)
@@ -293,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("num_examples", "cutoff_len", "world_size", "batch_size", "num_beams", "max_new_tokens", "limit"):
+    for name in ("num_examples", "cutoff_len", "world_size", "batch_size", "num_beams", "max_new_tokens", "limit",
+                 "num_layers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"peft-ds: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -20,6 +20,7 @@ from .spec import PeftSpec
 class ModelConfig:
     name_or_path: str = "tiny-llama"  # a preset name or a local Hugging Face model directory
     dtype: str = "auto"  # auto (from the DeepSpeed config) | fp32 | bf16 | fp16
+    num_layers: int | None = None  # a preset's depth cut to this many layers (null: the preset's own)
 
 
 @dataclass

@@ -174,16 +174,19 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, num_beams: i
 # ---- the command -------------------------------------------------------------------------------------------
 
 
-def _check_adapter(adapter_dir: str, base: str) -> None:
-    """An adapter trained on another architecture or size is refused before the base is loaded."""
-    from .adapter_io import read_adapter_config, signature
-    from .models import PRESETS, read_model_config
+def _check_adapter(adapter_dir: str, base: str, num_layers: int | None) -> int | None:
+    """An adapter trained on another architecture or size is refused before the base is loaded; returns
+    the depth to build a preset base at (`adapter_io.preset_depth`)."""
+    from .adapter_io import preset_depth, read_adapter_config, signature
+    from .models import PRESETS, preset_fields, read_model_config
 
-    trained = signature(read_adapter_config(adapter_dir)["base"])
-    config = dict(PRESETS[base]) if base in PRESETS else read_model_config(base)
-    actual = signature(config)
+    adapter_config = read_adapter_config(adapter_dir)
+    trained = signature(adapter_config["base"])
+    num_layers = preset_depth(adapter_config, base, num_layers)
+    actual = signature(preset_fields(base, num_layers) if base in PRESETS else read_model_config(base))
     if trained != actual:
         raise PeftDsError(f"adapter {adapter_dir} was trained on {trained}, the base {base} is {actual}")
+    return num_layers
 
 
 def _check_out(out: str, base: str, adapter: str | None, test_files: list[str], deepspeed_config: str | None):
@@ -206,7 +209,7 @@ def _check_out(out: str, base: str, adapter: str | None, test_files: list[str], 
 def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None = None, batch_size: int = 1,
              num_beams: int = 4, max_new_tokens: int | None = None, extractor: str = "faithful",
              out: str | None = None, limit: int | None = None, deepspeed_config: str | None = None,
-             force: bool = False, progress: bool = True) -> dict:
+             force: bool = False, progress: bool = True, num_layers: int | None = None) -> dict:
     """Every dataset in turn; rank 0 writes `<out>` (summary JSON) and `<out>.jsonl` (per example)."""
     from tqdm.auto import tqdm
 
@@ -224,9 +227,9 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     for name, value in (("batch size", batch_size), ("num beams", num_beams), ("max new tokens", max_new_tokens or 1)):
         if value < 1:
             raise PeftDsError(f"{name} must be >= 1, got {value}")
-    models.check_model_source(base)
+    models.check_model_source(base, num_layers)
     if adapter:
-        _check_adapter(adapter, base)
+        num_layers = _check_adapter(adapter, base, num_layers)
     test_sets = {name: read_test_set(data_dir, name)[:limit] for name in datasets}
     raw_ds = ds_config.load(deepspeed_config) if deepspeed_config else None
     if raw_ds is not None and ds_config.zero_stage(raw_ds) != 3:
@@ -242,7 +245,7 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     if raw_ds is not None:
         resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(base), micro_batch_size=batch_size,
                                      accumulation=1, world_size=world, dtype=dtype_name)
-    model = models.build_model(base, dtype=ds_config.DTYPES[dtype_name], ds_config=resolved)
+    model = models.build_model(base, dtype=ds_config.DTYPES[dtype_name], ds_config=resolved, num_layers=num_layers)
     tokenizer = models.load_tokenizer_for(base)
     if adapter:
         load_adapter(model, adapter)

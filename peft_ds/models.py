@@ -1,5 +1,9 @@
-"""Backbones: the tiny presets (real transformers classes, small configs, seeded random init) and
-local Hugging Face model directories (config + safetensors weights + tokenizer). No network."""
+"""Backbones: the presets (real transformers classes with the tiny test configs or the exact published
+configs of LLaMA-7B/13B and GPT-J-6B, seeded random init, the shipped tiny tokenizer) and local
+Hugging Face model directories (config + safetensors weights + tokenizer). No network.
+
+A preset's depth can be cut (`num_layers`, the run config's `model.num_layers`) so that a CPU runs one
+or two layers of a real width; a model directory is always taken whole."""
 
 from __future__ import annotations
 
@@ -28,17 +32,48 @@ PRESETS = {
         model_type="gptj", vocab_size=TINY_VOCAB, n_embd=128, n_layer=4, n_head=4, rotary_dim=16,
         n_positions=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     ),
+    # The published config.json of each model (huggyllama/llama-7b and llama-13b, as LLM-Adapters' yahma
+    # copies; EleutherAI/gpt-j-6b): every field that shapes the computation. Weights are random (seeded);
+    # the tokenizer is the shipped tiny one, whose ids all fall inside these vocabularies.
+    "llama-7b-shape": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "llama-13b-shape": dict(
+        model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "gptj-6b-shape": dict(
+        model_type="gptj", vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=None,
+        n_positions=2048, activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=0.02,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False,
+    ),
 }
 PRESET_SEED = 0
 SUPPORTED_MODEL_TYPES = ("llama", "gptj")
 
 
-def preset_config(name: str, **overrides):
-    from transformers import GPTJConfig, LlamaConfig
+DEPTH_KEYS = {"llama": "num_hidden_layers", "gptj": "n_layer"}
 
+
+def preset_fields(name: str, num_layers: int | None = None) -> dict:
+    """The config fields of preset `name` (a config.json-like dict), its depth cut to `num_layers`."""
     if name not in PRESETS:
         raise PeftDsError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
+    fields = dict(PRESETS[name])
+    if num_layers is not None:
+        fields[DEPTH_KEYS[fields["model_type"]]] = num_layers
+    return fields
+
+
+def preset_config(name: str, num_layers: int | None = None, **overrides):
+    from transformers import GPTJConfig, LlamaConfig
+
+    fields = {**preset_fields(name, num_layers), **overrides}
     model_type = fields.pop("model_type")
     return (LlamaConfig if model_type == "llama" else GPTJConfig)(**fields)
 
@@ -88,8 +123,9 @@ def build_from_config(config, seed: int = PRESET_SEED, dtype=torch.float32):
     return model
 
 
-def build_preset(name: str, seed: int = PRESET_SEED, dtype=torch.float32, **overrides):
-    return build_from_config(preset_config(name, **overrides), seed=seed, dtype=dtype)
+def build_preset(name: str, seed: int = PRESET_SEED, dtype=torch.float32, num_layers: int | None = None,
+                 **overrides):
+    return build_from_config(preset_config(name, num_layers, **overrides), seed=seed, dtype=dtype)
 
 
 def read_model_config(model_dir: str) -> dict:
@@ -130,10 +166,16 @@ def load_model_dir(model_dir: str, dtype=torch.float32):
     return model, load_tokenizer(model_dir, config["model_type"])
 
 
-def check_model_source(name_or_dir: str) -> str:
-    """The model_type of a preset name or a model directory, checked before anything is loaded."""
+def check_model_source(name_or_dir: str, num_layers: int | None = None) -> str:
+    """The model_type of a preset name or a model directory, checked before anything is loaded; a
+    depth (`num_layers`) is only for a preset and at least 1."""
+    if num_layers is not None and (type(num_layers) is not int or num_layers < 1):
+        raise PeftDsError(f"model.num_layers must be an integer >= 1, got {num_layers!r}")
     if name_or_dir in PRESETS:
         return PRESETS[name_or_dir]["model_type"]
+    if num_layers is not None and os.path.isdir(name_or_dir):
+        raise PeftDsError(f"model.num_layers {num_layers} cuts the depth of a preset ({', '.join(PRESETS)}); "
+                          f"{name_or_dir} is a model directory, which is always taken whole")
     if not os.path.isdir(name_or_dir):
         raise PeftDsError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
     return check_model_dir(name_or_dir)["model_type"]
@@ -156,14 +198,14 @@ def hidden_size_of(name_or_dir: str) -> int:
     return getattr(config, "hidden_size", None) or config.n_embd
 
 
-def build_skeleton(name_or_dir: str):
+def build_skeleton(name_or_dir: str, num_layers: int | None = None):
     """The backbone's real class and shapes on the meta device: no weights, no memory. The training
     checks inject adapters into it before any rank starts, so every targeting rule is checked by the
     code that injects. The class is called directly: from_config would partition it with zero.Init
     while a ZeRO-3 HfDeepSpeedConfig is alive in this process."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
-    config = preset_config(name_or_dir) if name_or_dir in PRESETS else None
+    config = preset_config(name_or_dir, num_layers) if name_or_dir in PRESETS else None
     if config is None:
         config = AutoConfig.from_pretrained(name_or_dir, local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
@@ -184,7 +226,7 @@ def return_freed_memory_to_os() -> None:
         ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None):
+def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None, num_layers: int | None = None):
     """The backbone for training. With a ZeRO-3 `ds_config` the HfDeepSpeedConfig exists before the
     model is built or loaded, so each rank materialises only its partition; it is kept alive on the
     model (`model.hf_deepspeed_config`) as transformers requires."""
@@ -196,8 +238,9 @@ def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = 
         return_freed_memory_to_os()
         keep = HfDeepSpeedConfig(ds_config)
     if name_or_dir in PRESETS:
-        model = build_from_config(preset_config(name_or_dir), dtype=dtype)
+        model = build_from_config(preset_config(name_or_dir, num_layers), dtype=dtype)
     else:
+        check_model_source(name_or_dir, num_layers)
         check_model_dir(name_or_dir)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
@@ -206,23 +249,26 @@ def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = 
     return model
 
 
-def load_model(name_or_dir: str, dtype=torch.float32):
-    """A preset name or a local model directory: (model, tokenizer)."""
+def load_model(name_or_dir: str, dtype=torch.float32, num_layers: int | None = None):
+    """A preset name (its depth cut to `num_layers`) or a local model directory: (model, tokenizer)."""
+    check_model_source(name_or_dir, num_layers)
     if name_or_dir in PRESETS:
-        return build_preset(name_or_dir, dtype=dtype), load_tokenizer_for(name_or_dir)
-    check_model_source(name_or_dir)
+        return build_preset(name_or_dir, dtype=dtype, num_layers=num_layers), load_tokenizer_for(name_or_dir)
     return load_model_dir(name_or_dir, dtype=dtype)
 
 
-def write_preset(name: str, out_dir: str, force: bool = False) -> str:
-    """Write a tiny preset as a local HF model directory: config.json, model.safetensors, tokenizer.model.
+def write_preset(name: str, out_dir: str, force: bool = False, num_layers: int | None = None) -> str:
+    """Write a preset (its depth cut to `num_layers`) as a local HF model directory: config.json,
+    model.safetensors, tokenizer.model.
     Built beside `out_dir` and moved in (with `force`, into a non-empty directory file by file, each
     file replaced by a rename, never written through a symlink); modes follow the umask."""
     from . import outputs
 
+    preset_fields(name)  # an unknown name is refused first
+    check_model_source(name, num_layers)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
         raise PeftDsError(f"{out_dir} exists and is not empty (use --force to overwrite)")
-    model = build_preset(name)
+    model = build_preset(name, num_layers=num_layers)
     with outputs.replace_dir(out_dir, merge=True) as staging:
         model.save_pretrained(staging)
         shutil.copyfile(TINY_TOKENIZER, os.path.join(staging, TOKENIZER_MODEL))

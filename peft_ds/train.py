@@ -114,8 +114,8 @@ def prepare(config: RunConfig, world_size: int):
         bilevel.check(spec, ds_config.zero_stage(raw_ds), world_size)
     dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
     _check_output_dir(config.output_dir)
-    models.check_model_source(config.model.name_or_path)
-    skeleton = models.build_skeleton(config.model.name_or_path)  # meta device: every targeting rule, no memory
+    models.check_model_source(config.model.name_or_path, config.model.num_layers)
+    skeleton = models.build_skeleton(config.model.name_or_path, config.model.num_layers)  # meta device: every targeting rule, no memory
     with torch.random.fork_rng(devices=[]):
         apply_peft(skeleton, spec)
     tokenizer = models.load_tokenizer_for(config.model.name_or_path)
@@ -137,7 +137,7 @@ def prepare(config: RunConfig, world_size: int):
     if resume:
         ckpt_root = os.path.join(config.output_dir, "checkpoints")
         tag, meta = checkpoint.find_checkpoint(ckpt_root)
-        checkpoint.check_resume(os.path.join(ckpt_root, tag), meta, skeleton, config.model.name_or_path,
+        checkpoint.check_resume(os.path.join(ckpt_root, tag), meta, skeleton, config.model,
                                 world_size, ds_config.zero_stage(raw_ds))
     resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(config.model.name_or_path),
                                  micro_batch_size=t.micro_batch_size, accumulation=accumulation,
@@ -256,7 +256,8 @@ def train(config: RunConfig) -> dict:
         print(f"peft-ds train: {where}", flush=True)
 
     # ---- model: sharded at construction, adapters injected identically on every rank ------------
-    model = models.build_model(config.model.name_or_path, dtype=ds_config.DTYPES[run["dtype"]], ds_config=run["ds"])
+    model = models.build_model(config.model.name_or_path, dtype=ds_config.DTYPES[run["dtype"]], ds_config=run["ds"],
+                               num_layers=config.model.num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         apply_peft(model, config.method)

@@ -1,0 +1,111 @@
+"""The presets: the real widths are the published configs (parameter counts on the meta device), and
+`num_layers` / `model.num_layers` cuts a preset's depth everywhere a preset is used."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from peft_ds import PeftDsError, PeftSpec, apply_peft
+from peft_ds.adapter_io import preset_depth, read_adapter_config, save_adapter
+from peft_ds.config import load_config
+from peft_ds.models import build_preset, build_skeleton, check_model_source, preset_fields, write_preset
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_llama_shapes_have_the_published_parameter_counts():
+    """LLaMA-7B: 6,738,415,616 and LLaMA-13B: 13,015,864,320 parameters (the released checkpoints)."""
+    assert _count(build_skeleton("llama-7b-shape")) == 6_738_415_616
+    assert _count(build_skeleton("llama-13b-shape")) == 13_015_864_320
+    seven = build_skeleton("llama-7b-shape").config
+    assert (seven.hidden_size, seven.intermediate_size, seven.num_attention_heads, seven.num_key_value_heads,
+            seven.num_hidden_layers, seven.vocab_size, seven.rms_norm_eps, seven.tie_word_embeddings) == \
+        (4096, 11008, 32, 32, 32, 32000, 1e-6, False)
+
+
+def test_gptj_shape_is_gpt_j_6b():
+    model = build_skeleton("gptj-6b-shape")
+    c = model.config
+    assert (c.n_embd, c.n_head, c.n_layer, c.rotary_dim, c.vocab_size, c.n_positions, c.activation_function,
+            c.layer_norm_epsilon, c.tie_word_embeddings) == (4096, 16, 28, 64, 50400, 2048, "gelu_new", 1e-5, False)
+    h, v, inner = 4096, 50400, 16384  # n_inner null: 4 x n_embd
+    block = 2 * h + 4 * h * h + (h * inner + inner) + (inner * h + h)
+    assert tuple(model.transformer.h[0].mlp.fc_in.weight.shape) == (inner, h)
+    assert _count(model) == v * h + 28 * block + 2 * h + (h * v + v)
+
+
+@pytest.mark.parametrize("name", ["llama-7b-shape", "gptj-6b-shape", "tiny-llama"])
+def test_num_layers_cuts_only_the_depth(name):
+    full, cut = build_skeleton(name).config.to_dict(), build_skeleton(name, 2).config.to_dict()
+    depth = "n_layer" if full["model_type"] == "gptj" else "num_hidden_layers"
+    assert cut[depth] == 2 and {k: v for k, v in cut.items() if k != depth} == \
+        {k: v for k, v in full.items() if k != depth}
+
+
+def test_cut_preset_keeps_the_weights_of_its_layers():
+    """The init is seeded per parameter name: a cut preset is the first layers of the whole one."""
+    whole, cut = build_preset("tiny-llama"), dict(build_preset("tiny-llama", num_layers=2).named_parameters())
+    assert len(cut) < len(dict(whole.named_parameters()))
+    for name, param in whole.named_parameters():
+        if name in cut:
+            assert torch.equal(param, cut[name]), name
+
+
+def test_num_layers_is_refused_for_a_directory_and_below_one(tmp_path):
+    write_preset("tiny-llama", str(tmp_path / "m"), num_layers=1)
+    with pytest.raises(PeftDsError, match="always taken whole"):
+        check_model_source(str(tmp_path / "m"), 2)
+    for bad in (0, -1, True):
+        with pytest.raises(PeftDsError, match="model.num_layers must be an integer >= 1"):
+            check_model_source("tiny-llama", bad)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "peft_ds", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_check_refuses_num_layers_for_a_directory_in_one_line(tmp_path):
+    write_preset("tiny-llama", str(tmp_path / "m"))
+    r = _cli("check", os.path.join(ROOT, "configs", "demo_tiny_llama_lora_sibo.yaml"), "--world-size", "2",
+             "--set", f"model.name_or_path={tmp_path / 'm'}", "--set", "model.num_layers=1",
+             "--set", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "always taken whole" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = _cli("check", os.path.join(ROOT, "configs", "demo_tiny_llama_lora_sibo.yaml"), "--world-size", "2",
+             "--set", "model.name_or_path=llama-13b-shape", "--set", "model.num_layers=1",
+             "--set", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_preset_writes_a_cut_real_config(tmp_path):
+    r = _cli("preset", "tiny-gptj", str(tmp_path / "g"), "--num-layers", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["n_layer"] == 1
+    r = _cli("preset", "llama-7b-shape", str(tmp_path / "l"), "--num-layers", "0")
+    assert r.returncode == 2 and "--num-layers must be >= 1" in r.stderr and not (tmp_path / "l").exists()
+
+
+def test_run_config_takes_num_layers():
+    assert load_config(None, ["model.name_or_path=llama-7b-shape", "model.num_layers=2"]).model.num_layers == 2
+    with pytest.raises(PeftDsError, match="model.num_layers must be of type int"):
+        load_config(None, ["model.num_layers=two"])
+
+
+def test_an_adapter_rebuilds_its_preset_at_the_depth_it_was_trained_on(tmp_path):
+    model = apply_peft(build_preset("tiny-llama", num_layers=2), PeftSpec(method="lora", r=4, alpha=8))
+    save_adapter(model, str(tmp_path / "a"), base_model="tiny-llama")
+    config = read_adapter_config(str(tmp_path / "a"))
+    assert preset_depth(config, "tiny-llama", None) == 2 and preset_depth(config, "tiny-llama", 3) == 3
+    from peft_ds.evaluation import _check_adapter
+
+    assert _check_adapter(str(tmp_path / "a"), "tiny-llama", None) == 2
+    with pytest.raises(PeftDsError, match="was trained on"):
+        _check_adapter(str(tmp_path / "a"), "tiny-llama", 4)
+    assert preset_fields("tiny-llama", 2)["num_hidden_layers"] == 2
