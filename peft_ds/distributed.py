@@ -167,7 +167,7 @@ def init() -> tuple[int, int]:
 
 
 def describe() -> str:
-    """'world size N over K nodes (names) via SOURCE, master ADDR:PORT': collective."""
+    """'world size N over K nodes (names) via SOURCE, backend B, master ADDR:PORT': collective."""
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     names = [node]
     if torch.distributed.get_world_size() > 1:
@@ -176,7 +176,8 @@ def describe() -> str:
     nodes = list(dict.fromkeys(names))
     _, source = discover()
     return (f"world size {len(names)} over {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(nodes)}) "
-            f"via {source}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+            f"via {source}, backend {torch.distributed.get_backend()}, master {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']}")
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

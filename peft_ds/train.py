@@ -316,9 +316,9 @@ def train(config: RunConfig) -> dict:
                                          grad_check if step == start and not run["resume"] else None)
             loss_sum, losses, tokens, asked = distributed.all_reduce_sum(
                 [stats["loss_sum"], stats["losses"], stats["tokens"], float(stop["asked"])])
-            done = step + 1
-            row = {"step": done, "loss": loss_sum / losses, "lr": lr,
-                   "tokens_per_s": tokens / (time.perf_counter() - began), **objective.metrics()}
+            done, seconds = step + 1, time.perf_counter() - began
+            row = {"step": done, "loss": loss_sum / losses, "lr": lr, "step_s": seconds,
+                   "tokens_per_s": tokens / seconds, **objective.metrics()}
             if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
                 raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")
             if run["val_set"] is not None and (done == run["total"] or (t.eval_every and done % t.eval_every == 0)):

@@ -1,0 +1,316 @@
+"""The measured stages of bench/gpu_check.sh (see bench/README.md for the whole check).
+
+  mfu      LoRA-SIBO r 32 on q,k,v,up,down, `llama-7b-shape` at full depth (random init), bf16, ZeRO-3 on
+           one GPU (ds_configs/zero3_bf16.json), micro-batch x 256 tokens for several micro-batch sizes,
+           gradient checkpointing off and on: step time, tokens/s, model-FLOPs utilisation (bench/flops.py)
+           against the GPU's dense bf16 peak, peak GPU memory (and `peft-ds plan`'s prediction); then the
+           same steps for Hugging Face PEFT LoRA on the same model without DeepSpeed (ratio).
+  methods  AdaMix-LoRA and BiLoRA (darts) per optimizer step against LoRA: `peft-ds train` runs at the
+           7B width cut to a few layers, step times from metrics.jsonl.
+  report   every stage's status and figures -> report.json and report.md.
+
+--dry-run: the same code on the CPU, tiny-llama, fp32 (ds_configs/zero3_cpu.json), small sizes; the MFU
+is then set against the measured fp32 GEMM rate of the same threads.
+
+    python bench/gpu_bench.py mfu --json F [--dry-run]
+    python bench/gpu_bench.py methods --json F --workdir D [--dry-run]
+    python bench/gpu_bench.py report --stages STAGES.jsonl --dir D --out OUTDIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from flops import cpu_gemm_ceiling, flops_per_token, gpu_peak_bf16  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.cuda.is_available()
+
+
+def shapes(dry: bool) -> dict:
+    if dry:
+        return dict(preset="tiny-llama", num_layers=2, dtype="fp32", ds="zero3_cpu.json", seq=64, micro=[1, 2],
+                    warmup=1, steps=2, method_layers=2, method_steps=3)
+    return dict(preset="llama-7b-shape", num_layers=None, dtype="bf16", ds="zero3_bf16.json", seq=256,
+                micro=[1, 4, 8], warmup=2, steps=5, method_layers=4, method_steps=8)
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _batch(micro: int, seq: int, vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(micro * 7919 + seq)
+    ids = torch.randint(3, min(vocab, 1000), (micro, seq), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = False
+
+
+def _time_steps(step, micro, seq, vocab, device, warmup, steps) -> tuple[float, int]:
+    """(median seconds per step, peak GPU bytes during the timed steps; 0 on the CPU)."""
+    batch = _batch(micro, seq, vocab, device)
+    for _ in range(warmup):
+        step(batch)
+    _sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step(batch)
+        _sync()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0)
+
+
+def _grid(step, model, sizes, device) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    for checkpointing in (False, True):
+        _set_checkpointing(model, checkpointing)
+        for micro in sizes["micro"]:
+            seconds, peak = _time_steps(step, micro, sizes["seq"], vocab, device, sizes["warmup"], sizes["steps"])
+            rows.append({"gradient_checkpointing": checkpointing, "micro_batch": micro, "seq": sizes["seq"],
+                         "step_s": seconds, "tokens_per_s": micro * sizes["seq"] / seconds, "peak_bytes": peak})
+    return rows
+
+
+def _plan_bytes(sizes: dict, micro: int, checkpointing: bool) -> float | None:
+    """`peft-ds plan`'s predicted per-rank GPU total for this step, where the planner exists."""
+    try:
+        from peft_ds import plan
+    except ImportError:
+        return None
+    predict = getattr(plan, "predict_total_bytes", None)
+    return None if predict is None else predict(sizes, micro, checkpointing)
+
+
+def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
+    """LoRA-SIBO under ZeRO-3 on one rank, the engine peft-ds train builds."""
+    import deepspeed
+
+    from peft_ds import distributed, ds_config, models
+    from peft_ds.config import load_config
+    from peft_ds.injection import apply_peft
+    from peft_ds.train import make_optimizer
+
+    if not CUDA:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    distributed.init()
+    config = load_config(None, ["method.method=lora", "method.r=32", "method.alpha=64", "method.sibo_lambda=0.1",
+                                "train.warmup_steps=0", "train.max_steps=1000"])
+    raw = ds_config.load(os.path.join(ROOT, "ds_configs", sizes["ds"]))
+    resolved = ds_config.resolve(raw, hidden_size=models.hidden_size_of(sizes["preset"]), micro_batch_size=1,
+                                 accumulation=1, world_size=1, dtype=sizes["dtype"])
+    began = time.perf_counter()
+    model = models.build_model(sizes["preset"], dtype=ds_config.DTYPES[sizes["dtype"]], ds_config=resolved,
+                               num_layers=sizes["num_layers"])
+    apply_peft(model, config.method)
+    build_s = time.perf_counter() - began
+    trainable, optimizer, scheduler = make_optimizer(model, config.method, config.train, 1000)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=trainable, config=resolved)
+    engine.train()
+
+    def step(batch):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+
+    flops = flops_per_token(model, sizes["seq"])
+    rows = _grid(step, model, sizes, engine.device)
+    for row in rows:
+        row["plan_bytes"] = _plan_bytes(sizes, row["micro_batch"], row["gradient_checkpointing"])
+    info = {"build_s": build_s, "flops_per_token": flops, "parameters": sum(
+        int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()),
+        "config": {"preset": sizes["preset"], "num_layers": model.config.num_hidden_layers, "dtype": sizes["dtype"],
+                   "deepspeed": sizes["ds"], "method": config.method.to_dict()}}
+    return rows, info
+
+
+def hf_peft_rows(sizes: dict) -> list[dict]:
+    """HF PEFT LoRA r 32 / alpha 64 on q,k,v,up,down on the same architecture and dtype, no DeepSpeed
+    (transformers' own random init: the values do not change the work)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peft_ds import ds_config, models
+    from peft_ds.architectures import ARCHITECTURES
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    before = torch.cuda.memory_allocated() if CUDA else 0
+    with device:
+        model = AutoModelForCausalLM.from_config(models.preset_config(sizes["preset"], sizes["num_layers"]),
+                                                 dtype=ds_config.DTYPES[sizes["dtype"]])
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
+                                             target_modules=list(ARCHITECTURES["llama"].lora_targets)))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(batch):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = _grid(step, model.base_model.model, sizes, device)
+    for row in rows:
+        row["peak_bytes"] = max(0, row["peak_bytes"] - before)
+    del model, optimizer
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cmd_mfu(args) -> int:
+    sizes = shapes(args.dry_run)
+    if CUDA:
+        device_name, peak = gpu_peak_bf16()
+        peak_source = "datasheet dense bf16"
+    else:
+        device_name, peak, peak_source = "cpu", cpu_gemm_ceiling(), "measured fp32 GEMM 2048^3, same threads"
+    theirs = hf_peft_rows(sizes)  # first: later, ZeRO-3's HfDeepSpeedConfig would partition its model too
+    ours, info = peft_ds_rows(sizes)
+    for mine, other in zip(ours, theirs):
+        mine["mfu"] = None if peak is None else info["flops_per_token"]["total"] * mine["tokens_per_s"] / peak
+        mine["hf_peft_step_s"] = other["step_s"]
+        mine["hf_peft_peak_bytes"] = other["peak_bytes"]
+        mine["step_ratio_vs_hf_peft"] = mine["step_s"] / other["step_s"]
+    result = {"device": device_name, "peak_flops": peak, "peak_source": peak_source, "torch": torch.__version__,
+              "dry_run": args.dry_run, **info, "rows": ours}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    for row in ours:
+        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        print(f"gc={row['gradient_checkpointing']!s:5} micro={row['micro_batch']:2d}: {row['step_s'] * 1e3:8.1f} ms "
+              f"{row['tokens_per_s']:9.0f} tok/s  MFU {mfu}  peak {row['peak_bytes'] / 2**30:.1f} GiB  "
+              f"vs HF PEFT {row['step_ratio_vs_hf_peft']:.2f}x")
+    return 0
+
+
+METHODS = {"lora": ["method.method=lora", "method.r=32", "method.alpha=64"],
+           "adamix_lora": ["method.method=adamix_lora", "method.r=32", "method.alpha=64"],
+           "bilora": ["method.method=bilora", "method.r=32", "method.alpha=64", "method.hypergradient=darts"]}
+
+
+def cmd_methods(args) -> int:
+    """Each method as users run it: `peft-ds train`, one process (world size 1), median step time."""
+    sizes = shapes(args.dry_run)
+    results = {}
+    for name, overrides in METHODS.items():
+        out = os.path.join(args.workdir, name)
+        cmd = [sys.executable, "-m", "peft_ds", "train", os.path.join(ROOT, "configs", "demo_tiny_llama_lora_sibo.yaml"),
+               "--set", f"model.name_or_path={'tiny-llama' if args.dry_run else 'llama-7b-shape'}",
+               "--set", f"model.num_layers={sizes['method_layers']}", "--set", f"model.dtype={sizes['dtype']}",
+               "--set", f"deepspeed={os.path.join(ROOT, 'ds_configs', sizes['ds'])}",
+               "--set", "method.sibo_lambda=0.0", "--set", "data.cutoff_len=256", "--set", "data.val_set_size=0",
+               "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4",
+               "--set", f"train.max_steps={sizes['method_steps']}", "--set", "train.save_every=0",
+               "--set", "train.eval_every=0", "--set", "train.resume=false", "--set", f"output_dir={out}"]
+        for item in overrides:
+            cmd += ["--set", item]
+        env = dict(os.environ, **({} if CUDA else {"DS_ACCELERATOR": "cpu"}))
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            results[name] = {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
+            print(f"{name}: failed\n{r.stderr[-2000:]}")
+            continue
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            steps = [row["step_s"] for row in map(json.loads, f) if "step_s" in row][2:]
+        results[name] = {"median_step_s": statistics.median(steps), "steps_timed": len(steps)}
+    lora = results.get("lora", {}).get("median_step_s")
+    for name, row in results.items():
+        if lora and "median_step_s" in row:
+            row["ratio_to_lora"] = row["median_step_s"] / lora
+            print(f"{name:12s} {row['median_step_s'] * 1e3:9.1f} ms/step  {row['ratio_to_lora']:.2f}x LoRA")
+    with open(args.json, "w") as f:
+        json.dump({"dry_run": args.dry_run, "num_layers": sizes["method_layers"], "methods": results}, f, indent=2)
+    return 0 if all("median_step_s" in r for r in results.values()) else 1
+
+
+def _gib(value) -> str:
+    return "n/a" if not value else f"{value / 2**30:.1f}"
+
+
+def cmd_report(args) -> int:
+    with open(args.stages) as f:
+        stages = [json.loads(line) for line in f if line.strip()]
+    report = {"stages": stages}
+    for name in ("mfu", "methods"):
+        path = os.path.join(args.dir, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                report[name] = json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["# peft-ds GPU check", "", "| stage | status | seconds | limit |", "|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['limit']} |" for s in stages]
+    mfu = report.get("mfu")
+    if mfu:
+        lines += ["", f"LoRA-SIBO r 32, {mfu['config']['preset']} ({mfu['config']['num_layers']} layers), "
+                  f"{mfu['config']['dtype']}, ZeRO-3 on one rank; device {mfu['device']}, torch {mfu['torch']}; "
+                  f"peak {mfu['peak_flops'] or 0:.3g} FLOP/s ({mfu['peak_source']}); model FLOPs per token "
+                  f"{mfu['flops_per_token']['total']:.4g} (bench/flops.py)", "",
+                  "| GC | micro x seq | step ms | tokens/s | MFU | peak GiB | plan GiB | HF PEFT step ms | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in mfu["rows"]:
+            use = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            lines.append(f"| {'on' if r['gradient_checkpointing'] else 'off'} | {r['micro_batch']} x {r['seq']} | "
+                         f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {use} | {_gib(r['peak_bytes'])} | "
+                         f"{_gib(r.get('plan_bytes'))} | {r['hf_peft_step_s'] * 1e3:.1f} | "
+                         f"{r['step_ratio_vs_hf_peft']:.2f} |")
+    methods = report.get("methods")
+    if methods:
+        lines += ["", f"Per optimizer step against LoRA ({methods['num_layers']} layers, `peft-ds train`):", "",
+                  "| method | ms/step | ratio |", "|---|---|---|"]
+        for name, row in methods["methods"].items():
+            if "median_step_s" in row:
+                lines.append(f"| {name} | {row['median_step_s'] * 1e3:.1f} | {row.get('ratio_to_lora', 0):.2f} |")
+            else:
+                lines.append(f"| {name} | failed: {' '.join(row['error'])} | |")
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name in ("mfu", "methods"):
+        p = sub.add_parser(name)
+        p.add_argument("--json", required=True, help="where this stage's figures go")
+        p.add_argument("--dry-run", action="store_true", help="CPU, tiny-llama, fp32, small sizes")
+        if name == "methods":
+            p.add_argument("--workdir", required=True, help="where the runs' output directories go")
+    p = sub.add_parser("report")
+    p.add_argument("--stages", required=True, help="one JSON line per stage (bench/gpu_check.sh writes it)")
+    p.add_argument("--dir", required=True, help="where the stages wrote their JSON")
+    p.add_argument("--out", required=True, help="where report.json and report.md go")
+    args = parser.parse_args()
+    return {"mfu": cmd_mfu, "methods": cmd_methods, "report": cmd_report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
