@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_OUT := runs/demo_tiny_llama_lora_sibo
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install:
 	bash scripts/install.sh
 
@@ -19,3 +19,7 @@ demo: install
 test: install
 	bash scripts/install_system.sh
 	$(PY) -m pytest -q tests
+
+# The suite without the slow multi-process tests (a few minutes): what to run while editing.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests

@@ -58,6 +58,16 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
+def provenance(tool: str, tag_dir: str, world_size: int, step: int | None, trained_method: str,
+               transforms=()) -> dict:
+    """Where an adapter came from, in the one layout of adapter_config.json whether `peft-ds train` or
+    `peft-ds consolidate` wrote it: the checkpoint (tag directory) its tensors are, the ranks that wrote
+    it, its step, the method it was trained with, and what was done to it since (merged, folded)."""
+    return {"source": {"tool": tool, "checkpoint": os.path.abspath(tag_dir), "tag": os.path.basename(tag_dir),
+                       "world_size": world_size, "step": step, "trained_method": trained_method},
+            "transforms": list(transforms)}
+
+
 def write_adapter(state: dict, out_dir: str, spec: PeftSpec, base_model: str | None, base: dict,
                   extra: dict | None = None, dtype: str = "fp32") -> dict:
     """Write `state` as a native adapter into `out_dir` (a fresh directory: `save_adapter` and

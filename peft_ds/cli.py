@@ -195,12 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Parameter-efficient adapters on frozen LLaMA / GPT-J under DeepSpeed ZeRO-3.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="apply LoRA-SIBO to a tiny model; print the parameter report and over-smoothing")
+    p = sub.add_parser("demo", help="apply LoRA-SIBO to a tiny model; print the parameter report and over-smoothing",
+                       description="Inject LoRA-SIBO (r 32, alpha 64) into a model without training it, print which "
+                       "modules it adapted and how many parameters train, and the token-wise cosine similarity per "
+                       "layer (SIBO Eq. 3) of the base model and of the adapted one (equal at init: B = 0), as a "
+                       "table and as smoothness.json / smoothness.png. `make demo` trains instead (peft-ds train).")
     p.add_argument("--model", default="tiny-llama", help="preset name or local HF model directory (default tiny-llama)")
     p.add_argument("--sibo-lambda", type=float, default=0.1, help="SIBO lambda in [0, 1) (default 0.1)")
     p.add_argument("--data", default=DEFAULT_DATA, help="LLM-Adapters JSON file (default: shipped math sample)")
-    p.add_argument("--num-examples", type=int, default=16)
-    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--num-examples", type=int, default=16, help="prompts from --data to measure on (default 16)")
+    p.add_argument("--cutoff-len", type=int, default=256, help="tokens per prompt at most (default 256)")
     p.add_argument("--out", default="runs/demo", help="where smoothness.json/png go (default runs/demo)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=cmd_demo)
@@ -217,14 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set train.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--nproc", type=int, default=0, help="start this many local ranks with torchrun")
+    p.add_argument("--nproc", type=int, default=0, help="start this many local ranks itself, as torchrun would "
+                   "(default 0: this process is one rank of a launcher's: torchrun, srun, deepspeed, mpirun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy on the LLM-Adapters math / commonsense test sets",
                        description="Generate answers for <data-dir>/<name>/test.json with the LLM-Adapters evaluation "
                        "prompt and extract them as upstream does (faithful) and with the fixes (robust). Several ranks "
                        "(torchrun, srun, mpirun) share the test set; --deepspeed partitions the model with ZeRO-3.")
-    p.add_argument("--base", required=True, help="preset or local HF model directory")
+    p.add_argument("--base", required=True, help="preset or local HF model directory (the adapter goes on it)")
     p.add_argument("--num-layers", type=int, default=None, help="a preset base's depth (default: the depth the "
                    "adapter was trained on, model.num_layers; without an adapter the preset's own)")
     p.add_argument("--adapter", default=None, help="peft-ds adapter directory (default: the base model alone)")
@@ -236,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 math, 32 commonsense (upstream)")
     p.add_argument("--extractor", default="faithful", choices=["faithful", "robust"],
                    help="the headline column; the other is reported beside it (default faithful)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set")
-    p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="ZeRO-3 config: partition the model")
-    p.add_argument("--out", default=None, help="summary JSON (per-example rows go to the same name + l: .jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set (default: all)")
+    p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="ZeRO-3 config: partition the model "
+                   "(default: none, the whole model in each rank)")
+    p.add_argument("--out", default=None, help="summary JSON (per-example rows go to the same name + l: .jsonl; "
+                   "default: print only)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
@@ -248,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model directory, data, output directory, batch sizes for the world size); starts nothing. "
                        "launcher/launch.sh runs it once before starting the ranks.")
     p.add_argument("config", help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="check as for --resume")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks the run will have")
     p.set_defaults(func=cmd_check)
@@ -262,11 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "never the checkpoint directory or base model it reads)")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step80 (default: the one 'latest' names)")
     p.add_argument("--format", default="native", choices=["native", "peft"],
-                   help="native: adapter.safetensors + adapter_config.json for peft_ds.load_adapter (every method); "
-                   "peft: Hugging Face PEFT adapter (LoRA, merged AdaMix-LoRA, folded BiLoRA; no SIBO)")
+                   help="native (default): adapter.safetensors + adapter_config.json for peft_ds.load_adapter (every "
+                   "method); peft: Hugging Face PEFT adapter (LoRA, merged AdaMix-LoRA, folded BiLoRA; no SIBO)")
     p.add_argument("--merge-into-base", metavar="BASE_DIR", default=None,
                    help="write a full HF model directory: BASE_DIR's weights with the LoRA delta s*B*A merged in "
-                   "(LoRA family, no SIBO), one shard in memory at a time")
+                   "(LoRA family, no SIBO), one shard in memory at a time (default: an adapter only)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="adapter tensor dtype (default fp32); merged weights keep the base model's dtype")
     p.add_argument("--keep-experts", action="store_true", help="AdaMix: keep every expert (default: average them)")
@@ -276,22 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_consolidate)
 
-    p = sub.add_parser("preset", help="write a preset (random weights) as a local Hugging Face model directory")
+    p = sub.add_parser("preset", help="write a preset (random weights) as a local Hugging Face model directory",
+                       description="Write a preset as config.json + model.safetensors + tokenizer.model, the layout "
+                       "of a downloaded model, so that every path taking a model directory can be tried offline. "
+                       "Tiny presets are the test models; the -shape presets have the published LLaMA-7B/13B and "
+                       "GPT-J-6B configs with random weights (cut them with --num-layers on a CPU).")
     p.add_argument("name", help="tiny-llama, tiny-gptj, or a real shape: llama-7b-shape, llama-13b-shape, gptj-6b-shape")
     p.add_argument("--num-layers", type=int, default=None, help="cut the depth to this many layers (default: "
                    "the preset's own)")
     p.add_argument("dir", help="output directory (config.json, model.safetensors, tokenizer.model)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory (each file replaced by a "
+                   "rename)")
     p.set_defaults(func=cmd_preset)
 
-    p = sub.add_parser("smoothness", help="over-smoothing diagnostic (SIBO Eq. 3) per layer, as JSON and PNG")
-    p.add_argument("--model", action="append", default=[], help="preset or model directory (repeatable)")
-    p.add_argument("--adapter", action="append", default=[], help="peft-ds adapter directory (repeatable)")
+    p = sub.add_parser("smoothness", help="over-smoothing diagnostic (SIBO Eq. 3) per layer, as JSON and PNG",
+                       description="Mean token-wise cosine similarity of the hidden states after each layer (layer "
+                       "0: the token embedding), one curve per --model and per --adapter, in one table, "
+                       "smoothness.json and smoothness.png. Each --adapter goes on the base model its "
+                       "adapter_config.json names (the one it was trained on), not on a --model; only an adapter "
+                       "that names none takes the single --model given.")
+    p.add_argument("--model", action="append", default=[], help="preset or model directory: a curve of its own "
+                   "(repeatable)")
+    p.add_argument("--adapter", action="append", default=[], help="peft-ds adapter directory: a curve of its base "
+                   "model with it (repeatable)")
     p.add_argument("--num-layers", type=int, default=None, help="a preset's depth (default: the preset's own; "
                    "an adapter's preset base: the depth it was trained on)")
     p.add_argument("--data", default=DEFAULT_DATA, help="LLM-Adapters JSON file (default: shipped math sample)")
-    p.add_argument("--num-examples", type=int, default=32)
-    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--num-examples", type=int, default=32, help="prompts from --data to measure on (default 32)")
+    p.add_argument("--cutoff-len", type=int, default=256, help="tokens per prompt at most (default 256)")
     p.add_argument("--out", required=True, help="output directory for smoothness.json and smoothness.png")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=cmd_smoothness)

@@ -410,8 +410,8 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
     bar.close()
     state, spec, notes = _transform(state, ckpt.spec, plan)
     base_model = ckpt.meta.get("base_model") or ckpt.meta.get("config", {}).get("model", {}).get("name_or_path")
-    source = {"checkpoint": os.path.abspath(ckpt.tag_dir), "tag": ckpt.tag, "world_size": ckpt.world_size,
-              "step": ckpt.meta.get("step"), "trained_method": ckpt.spec.method}
+    origin = adapter_io.provenance("peft-ds consolidate", ckpt.tag_dir, ckpt.world_size, ckpt.meta.get("step"),
+                                   ckpt.spec.method, notes)
     with outputs.replace_dir(out) as staging:
         if merge_into_base:
             merge_bar = tqdm(total=sum(1 for k in state if k.endswith(".lora_A")), desc="merge", unit="weight",
@@ -424,13 +424,12 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
                              f"{', '.join(left_out)}")
             with open(os.path.join(staging, "peft_ds_merge.json"), "w") as f:
                 json.dump({"peft_ds_version": __version__, "base_model": os.path.abspath(merge_into_base),
-                           "peft_spec": spec.to_dict(), "source": source, "merged_weights": written,
+                           "peft_spec": spec.to_dict(), "source": origin["source"], "merged_weights": written,
                            "base_files_left_out": left_out}, f, indent=2)
         elif fmt == "peft":
             adapter_io.write_peft(state, staging, spec, base_model, dtype)
         else:
-            adapter_io.write_adapter(state, staging, spec, base_model, ckpt.meta.get("base"),
-                                     {"source": source, "transforms": notes}, dtype)
+            adapter_io.write_adapter(state, staging, spec, base_model, ckpt.meta.get("base"), origin, dtype)
     nbytes = sum(v.numel() for v in state.values()) * torch.finfo(DTYPES[dtype]).bits // 8
     return {"out": out, "format": "merged model" if merge_into_base else fmt, "tensors": len(state),
             "bytes": nbytes, "seconds": time.perf_counter() - began, "tag": ckpt.tag,

@@ -25,6 +25,16 @@ def op_cache_per_environment(env=os.environ) -> str | None:
     return env.get("TORCH_EXTENSIONS_DIR")
 
 
+def cpu_accelerator_without_cuda(env=os.environ) -> None:
+    """Without CUDA, name DeepSpeed's CPU accelerator before DeepSpeed is imported: DeepSpeed would
+    otherwise warn on every command that it "was unable to detect" a GPU, also on those that use no
+    distributed backend (preset, check, consolidate). A user's DS_ACCELERATOR wins."""
+    import torch
+
+    if "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

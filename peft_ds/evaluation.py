@@ -284,9 +284,14 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
         rows += results
         summary[name] = {mode: sum(r[f"correct_{mode}"] for r in results) / len(results) for mode in MODES}
         summary[name]["examples"] = len(results)
+        summary[name]["max_new_tokens"] = max_new_tokens or settings["max_new_tokens"]
     summary["average"] = {mode: sum(summary[n][mode] for n in datasets) / len(datasets) for mode in MODES}
-    report = {"base": base, "adapter": adapter, "extractor": extractor, "batch_size": batch_size,
-              "num_beams": num_beams, "world_size": world, "accuracy": summary}
+    # every setting that shaped the result (max_new_tokens per dataset beside its accuracy)
+    report = {"base": base, "num_layers": num_layers, "adapter": adapter and os.path.abspath(adapter),
+              "data_dir": os.path.abspath(data_dir), "datasets": datasets, "limit": limit,
+              "max_new_tokens": max_new_tokens, "extractor": extractor, "batch_size": batch_size,
+              "num_beams": num_beams, "dtype": dtype_name, "deepspeed": deepspeed_config, "world_size": world,
+              "accuracy": summary}
     if rank == 0 and out:
         # each file replaced whole by a rename; the summary last, naming its rows by their sha256
         lines = "".join(json.dumps(row) + "\n" for row in rows)

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from . import checkpoint, data, distributed, ds_config, models, outputs
-from .adapter_io import save_adapter
+from .adapter_io import provenance, save_adapter
 from .config import SCHEDULES, RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
@@ -221,6 +221,35 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def final_losses(metrics_path: str) -> str:
+    """'final training loss L (step S), validation loss V (step S)' from metrics.jsonl."""
+    last = {}
+    with open(metrics_path) as f:
+        for row in map(json.loads, f):
+            last.update({k: (row[k], row["step"]) for k in ("loss", "val_loss") if k in row})
+    parts = [f"{label} {last[k][0]:.4f} (step {last[k][1]})"
+             for k, label in (("loss", "final training loss"), ("val_loss", "validation loss")) if k in last]
+    return ", ".join(parts)
+
+
+def next_commands(config: RunConfig, summary: dict) -> list[str]:
+    """Copy-paste commands that consolidate and evaluate the run just finished (its adapter on 4 examples
+    of the shipped test-set sample, greedy: gsm8k after math data, boolq after commonsense; drop --limit
+    and --num-beams for upstream's protocol on a real test set)."""
+    import shlex
+
+    def shown(path):  # relative to the working directory when inside it, else absolute
+        relative = os.path.relpath(path)
+        return shlex.quote(path if relative.startswith("..") else relative)
+
+    out = config.output_dir
+    dataset = "boolq" if "commonsense" in os.path.basename(config.data.train_file).lower() else "gsm8k"
+    return [f"peft-ds consolidate {shown(out)} --out {shown(os.path.join(out, 'consolidated'))}",
+            f"peft-ds evaluate --base {shlex.quote(config.model.name_or_path)} --adapter {shown(summary['adapter'])} "
+            f"--dataset {dataset} --data-dir {shown(os.path.join(models.ASSETS, 'eval'))} --limit 4 --num-beams 1 "
+            f"--out {shown(os.path.join(out, f'eval_{dataset}.json'))}"]
+
+
 def _complete_row(line: str) -> bool:
     """False for a line a kill cut off mid-write."""
     try:
@@ -355,12 +384,15 @@ def train(config: RunConfig) -> dict:
     summary.update(extra_outputs)
     if is_main:
         save_adapter(engine.module, summary["adapter"], base_model=config.model.name_or_path, state=state,
-                     extra={"source": "peft-ds train", "world_size": world, "step": run["total"]})
+                     extra=provenance("peft-ds train", summary["checkpoint"], world, run["total"],
+                                      config.method.method))
         plot_losses(metrics_path, summary["loss_plot"])
         print(f"checkpoint: {summary['checkpoint']}\nadapter:    {summary['adapter']}\n"
               f"loss plot:  {summary['loss_plot']}\nmetrics:    {metrics_path}", flush=True)
         for name, path in extra_outputs.items():
             print(f"{name + ':':11s} {path}", flush=True)
+        print(final_losses(metrics_path) + "\nnext:\n" + "\n".join(f"  {c}" for c in next_commands(config, summary)),
+              flush=True)
     distributed.barrier()
     model.hf_deepspeed_config = None
     return summary
