@@ -13,13 +13,14 @@ import zipfile
 import torch
 
 from .errors import PeftDsError, read_json
+from .reporting import TENSORBOARD_DIR, WANDB_DIR
 
 LATEST = "latest"
 META = "peft_ds_checkpoint.json"
 # What `peft-ds train` writes into a run directory besides `checkpoints/` (BiLoRA adds lam.*): the
 # results that no other command's output may replace.
 RUN_OUTPUTS = ("config.yaml", "ds_config.json", "metrics.jsonl", "loss.png", "adapter", "preempted.json", "lam.json",
-               "lam.png")
+               "lam.png", TENSORBOARD_DIR, WANDB_DIR)
 
 
 def rank_files(tag_dir: str, world_size: int, zero_stage: int = 3) -> list[str]:

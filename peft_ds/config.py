@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -49,6 +50,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: bool | str = False  # false | true (must resume) | auto (resume when a complete checkpoint exists)
     log_every: int = 1
+    # where metrics rows go besides metrics.jsonl (always written): tensorboard (<output_dir>/tensorboard/),
+    # wandb (Weights & Biases, WANDB_MODE=offline honoured); REPORT_TO names them
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     # DeepSpeed's default, off here: every rank's shard of the frozen backbone in each checkpoint
     # (self-contained checkpoints, backbone-sized files); consolidation never reads those bytes
     save_frozen_params: bool = False
@@ -74,6 +78,7 @@ SECTIONS = {"model": ModelConfig, "method": PeftSpec, "data": DataConfig, "train
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 RESUME = (False, True, "auto")
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
 
 
 def _fields(cls) -> dict:
@@ -83,7 +88,7 @@ def _fields(cls) -> dict:
 
 def _check_type(key: str, value, hint):
     """The value, converted where YAML's reading is narrower (int for float); else an error naming key."""
-    args = typing.get_args(hint)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     if value is None:
         if type(None) in args:
             return None
@@ -180,6 +185,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise PeftDsError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     if t.resume not in RESUME:
         raise PeftDsError(f"train.resume must be true, false or auto, got {t.resume!r}")
+    unknown = [name for name in t.report_to if name not in REPORT_TO]
+    if unknown:
+        raise PeftDsError(f"train.report_to: unknown {', '.join(map(repr, unknown))} (known: {', '.join(REPORT_TO)})")
     if t.global_batch_size % t.micro_batch_size:
         raise PeftDsError(
             f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size "
