@@ -14,11 +14,12 @@ import warnings
 
 import torch
 
-from . import checkpoint, data, distributed, ds_config, models, outputs
+from . import checkpoint, data, distributed, ds_config, models, outputs, reporting
 from .adapter_io import provenance, save_adapter
 from .config import SCHEDULES, RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
+from .methods import SIBO_PARAMETER
 from .objective import Feed, Objective
 
 # DeepSpeed still calls the collectives torch renamed; one warning per call would drown the progress bar.
@@ -29,6 +30,7 @@ EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1 and stopped: requeu
 # one exits (srun --kill-on-bad-exit) may report a slower rank's SIGTERM instead of 75; this file says
 # what happened whatever exit code reaches the job script.
 PREEMPTED_MARKER = "preempted.json"
+POSTFIX = (("loss", "loss", ".4f"), ("grad_norm", "grad_norm", ".3g"), ("tok_s", "tokens_per_s", ".0f"))  # progress bar
 
 
 class Preempted(Exception):
@@ -114,6 +116,7 @@ def prepare(config: RunConfig, world_size: int):
         bilevel.check(spec, ds_config.zero_stage(raw_ds), world_size)
     dtype = ds_config.model_dtype(raw_ds, config.model.dtype)
     _check_output_dir(config.output_dir)
+    reporting.check(t.report_to)
     models.check_model_source(config.model.name_or_path, config.model.num_layers)
     skeleton = models.build_skeleton(config.model.name_or_path, config.model.num_layers)  # meta device: every targeting rule, no memory
     with torch.random.fork_rng(devices=[]):
@@ -179,6 +182,24 @@ def _grad_check(engine, model) -> tuple[int, int]:
     params = adapter_parameters(model)
     with_grad = sum(1 for p in params.values() if safe_get_full_grad(p) is not None)
     return with_grad, len(params)
+
+
+def step_metrics(engine, spec) -> dict:
+    """What every method logs beyond its objective's metrics (collective under ZeRO-3). grad_norm: the
+    2-norm of the last optimizer step's whole gradient before clipping, the norm DeepSpeed clips with
+    (ZeRO all-reduces it over the ranks' partitions; none without ZeRO). sibo_lambda: learnable SIBO's
+    lambda = sigmoid(theta) per decoder layer, in layer order."""
+    import deepspeed
+
+    row = {}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        row["grad_norm"] = float(norm)
+    if spec.sibo and spec.sibo_learnable:
+        thetas = [p for name, p in engine.module.named_parameters() if name.endswith(SIBO_PARAMETER)]
+        with deepspeed.zero.GatheredParameters(thetas):
+            row["sibo_lambda"] = [float(torch.sigmoid(theta.detach().float())) for theta in thetas]
+    return row
 
 
 def fp32_adapter_state(model) -> dict:
@@ -325,7 +346,8 @@ def train(config: RunConfig) -> dict:
     val_batches = None if run["val_set"] is None else _batches(run["val_set"], list(range(len(run["val_set"]))),
                                                                micro, pad_id)  # collated once, used at every eval
     bar = tqdm(total=run["total"], initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
-    metrics = open(metrics_path, "a" if run["resume"] else "w") if is_main else None
+    reporter = reporting.Reporter(config, start if run["resume"] else None) if is_main else None
+    metrics = reporter.metrics if is_main else None  # metrics.jsonl, for the set-up row
     last_saved = start if run["resume"] else None
 
     def grad_check(k):  # every adapter parameter has a gradient after the first step's backward
@@ -347,16 +369,15 @@ def train(config: RunConfig) -> dict:
                 [stats["loss_sum"], stats["losses"], stats["tokens"], float(stop["asked"])])
             done, seconds = step + 1, time.perf_counter() - began
             row = {"step": done, "loss": loss_sum / losses, "lr": lr, "step_s": seconds,
-                   "tokens_per_s": tokens / seconds, **objective.metrics()}
+                   "tokens_per_s": tokens / seconds, **objective.metrics(), **step_metrics(engine, config.method)}
             if "route_digest" in row and not distributed.same_on_all_ranks(row["route_digest"]):
                 raise RuntimeError(f"AdaMix routes differ between ranks at step {done}")
             if run["val_set"] is not None and (done == run["total"] or (t.eval_every and done % t.eval_every == 0)):
                 row["val_loss"] = validation_loss(engine, val_batches, rank, world)
             if is_main:
                 if done % t.log_every == 0 or "val_loss" in row or done == run["total"]:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    reporter.log(row)
+                bar.set_postfix({name: f"{row[key]:{spec}}" for name, key, spec in POSTFIX if key in row})
                 bar.update(1)
             if done == run["total"] or asked or (t.save_every and done % t.save_every == 0):
                 checkpoint.save(engine, ckpt_root, done, meta, objective.state_dict(), t.save_frozen_params)
@@ -368,8 +389,8 @@ def train(config: RunConfig) -> dict:
                 raise Preempted()
     finally:
         bar.close()
-        if metrics:
-            metrics.close()
+        if reporter:
+            reporter.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
