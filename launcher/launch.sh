@@ -17,6 +17,8 @@
 #   HOSTFILE        deepspeed mode: the hostfile to use (written by launcher/hostfile.sh under Slurm)
 #   DEEPSPEED_ARGS  deepspeed mode: extra launcher arguments, e.g. "--no_ssh_check" or "--venv_script V"
 #   MPIRUN_ARGS     mpi mode: extra mpirun arguments ("-ppn GPUS_PER_NODE", MPICH's; Open MPI: "--map-by ppr:8:node")
+#   PEFT_DS_GPU_MEMORY  GiB of one GPU for the plan's verdict (default: nvidia-smi's smallest GPU, else none)
+#   PEFT_DS_SKIP_PLAN   1: do not print the plan nor refuse a run that does not fit
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  torchrun mode: seconds torchrun waits for its ranks to save and exit
 #                   after SIGUSR1/SIGTERM (or for the others after one failed) before it kills them (240)
 # Exit code: the ranks' (75: stopped on a signal after saving a checkpoint; requeue and resume).
@@ -48,6 +50,24 @@ world=$((NNODES * GPUS_PER_NODE))
 # Every check before any rank starts: config, model, data, and that the world size divides the batch.
 "$PYTHON" -m peft_ds check "$@" --world-size "$world" ||
   die "the run above cannot start on $NNODES node(s) x GPUS_PER_NODE=$GPUS_PER_NODE = $world ranks"
+
+# The run's memory per rank (peft-ds plan) into the job log; a run that cannot fit one GPU is refused here
+# with one line. GPU memory: PEFT_DS_GPU_MEMORY (GiB) when set, else the smallest GPU nvidia-smi reports;
+# with neither the plan is printed without a verdict. PEFT_DS_SKIP_PLAN=1 skips this.
+if [ "${PEFT_DS_SKIP_PLAN:-0}" != 1 ]; then
+  gpu_memory=${PEFT_DS_GPU_MEMORY:-}
+  if [ -z "$gpu_memory" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -n 1 || true)
+    [[ "$mib" =~ ^[0-9]+$ ]] && gpu_memory=$(awk -v m="$mib" 'BEGIN { printf "%.2f", m / 1024 }')
+  fi
+  plan=("$PYTHON" -m peft_ds plan "$@" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE")
+  if [ -n "$gpu_memory" ]; then
+    "${plan[@]}" --gpu-memory "$gpu_memory" --require-fit || exit 2
+  else
+    echo "launch.sh: GPU memory unknown (no nvidia-smi, PEFT_DS_GPU_MEMORY unset): the plan is not checked"
+    "${plan[@]}" || exit 2
+  fi
+fi
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}

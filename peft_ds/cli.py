@@ -176,6 +176,24 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_run, world_from
+
+    config = _load_run_config(args)
+    world, per_node = world_from(args.world_size, args.nodes, args.gpus_per_node)
+    if not args.gpu_memory > 0:
+        raise PeftDsError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
+    result = plan_run(config, world, per_node, args.gpu_memory)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result), flush=True)
+    if args.require_fit and not result["fits"]:
+        offload = result["with_offload"]
+        raise PeftDsError(f"{args.config} does not fit: {result['total'] / 2**30:.1f} GiB per rank > --gpu-memory "
+                          f"{args.gpu_memory:g} GiB (largest micro-batch that fits: {result['largest_micro_batch']}; "
+                          f"with {offload['deepspeed']}: {offload['total'] / 2**30:.1f} GiB; launcher/launch.sh "
+                          f"skips this check with PEFT_DS_SKIP_PLAN=1)")
+    return 0
+
+
 def cmd_consolidate(args) -> int:
     from .consolidate import consolidate
 
@@ -260,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="check as for --resume")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks the run will have")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="per-rank memory of a run before it is queued: model states, ZeRO-3 buffers, "
+                       "activations, logits; whether it fits", description="Read the run config (a preset or a model "
+                       "directory's config.json, no weights), its method, batch, cutoff, gradient checkpointing and "
+                       "DeepSpeed config (resolved as training resolves it) and print each rank's memory term by term "
+                       "(peft_ds/plan.py names the DeepSpeed setting or formula of each), the total against "
+                       "--gpu-memory, the largest micro-batch that fits, and the same with "
+                       "ds_configs/zero3_offload.json (GPU and host). launcher/launch.sh runs it before any rank.")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="accepted as train takes it; the plan is the same")
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks (default 1)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes, with --gpus-per-node (instead of --world-size)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node, with --nodes")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default 80)")
+    p.add_argument("--json", action="store_true", help="the same numbers by name, as JSON (bytes)")
+    p.add_argument("--require-fit", action="store_true", help="exit 2 with one error line when the run does not fit")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("consolidate", help="a ZeRO-3 checkpoint (any world size) -> one adapter file, a PEFT "
                        "adapter, or a merged model", description="Rebuild every adapter tensor from the fp32 "

@@ -117,6 +117,9 @@ def test_flagship_script_on_two_nodes(flagship):
     run, log = flagship
     assert "world size 2 over 2 nodes" in log and "via slurm" in log, log[-3000:]
     assert "launch.sh: srun, 2 node(s) x 1 = 2 ranks" in log
+    # the plan in the job log before the ranks start; no nvidia-smi, no PEFT_DS_GPU_MEMORY: no verdict
+    assert "GPU memory unknown" in log and "peft-ds plan: tiny-llama (4 layers), lora + SIBO, fp32" in log
+    assert log.index("peft-ds plan:") < log.index("launch.sh: srun")
     consolidated = run / "consolidated"
     assert (consolidated / "adapter.safetensors").is_file() and (consolidated / "adapter_config.json").is_file()
     from safetensors.torch import load_file
@@ -126,10 +129,11 @@ def test_flagship_script_on_two_nodes(flagship):
 
 
 def test_another_script_gptj_adapter_sibo(cluster, tmp_path):
-    code, log = sbatch_wait(cluster, "slurm/gptj_adapter_sibo.sh", job_env(cluster.env, tmp_path / "run", "tiny-gptj"),
-                            str(tmp_path / "job.out"))
+    # a GPU too small for the plan, whose check PEFT_DS_SKIP_PLAN=1 skips (the misuse test sees it refused)
+    env = job_env(cluster.env, tmp_path / "run", "tiny-gptj", PEFT_DS_GPU_MEMORY="0.01", PEFT_DS_SKIP_PLAN="1")
+    code, log = sbatch_wait(cluster, "slurm/gptj_adapter_sibo.sh", env, str(tmp_path / "job.out"))
     assert code == 0, log[-5000:]
-    assert "world size 2 over 2 nodes" in log
+    assert "world size 2 over 2 nodes" in log and "peft-ds plan" not in log
     assert (tmp_path / "run" / "consolidated" / "adapter.safetensors").is_file()
 
 
@@ -248,6 +252,7 @@ def test_cancelled_job_leaves_no_rank_behind(cluster, tmp_path, mode):
     ({"MODEL_PATH": ""}, "MODEL_PATH=/path/to/llama-13b-hf does not exist"),  # unset: the script's placeholder
     ({"MODEL_PATH": "/nonexistent/llama-13b-hf"}, "MODEL_PATH=/nonexistent/llama-13b-hf does not exist"),
     ({"GPUS_PER_NODE": "3"}, "GPUS_PER_NODE=3"),
+    ({"PEFT_DS_GPU_MEMORY": "0.01"}, "does not fit: "),  # the plan's verdict against 10 MiB GPUs
     ({"LAUNCH_MODE": "deepspeed", "DS_LAUNCHER": "mpich"},  # the script has --requeue
      "LAUNCH_MODE=deepspeed with DS_LAUNCHER=mpich cannot save and requeue on the preemption signal"),
 ])
