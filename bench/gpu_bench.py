@@ -94,14 +94,22 @@ def _grid(step, model, sizes, device) -> list[dict]:
     return rows
 
 
-def _plan_bytes(sizes: dict, micro: int, checkpointing: bool) -> float | None:
-    """`peft-ds plan`'s predicted per-rank GPU total for this step, where the planner exists."""
-    try:
-        from peft_ds import plan
-    except ImportError:
-        return None
-    predict = getattr(plan, "predict_total_bytes", None)
-    return None if predict is None else predict(sizes, micro, checkpointing)
+def _plan_bytes(sizes: dict, micro: int, checkpointing: bool) -> float:
+    """`peft-ds plan`'s per-rank prediction for this step without the CUDA-context allowance (what
+    max_memory_allocated can see): the same run config on one rank."""
+    from peft_ds.config import load_config
+    from peft_ds.plan import plan
+
+    overrides = [f"model.name_or_path={sizes['preset']}", f"model.dtype={sizes['dtype']}", *LORA_SIBO,
+                 f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+                 f"data.cutoff_len={sizes['seq']}", f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                 f"deepspeed={os.path.join(ROOT, 'ds_configs', sizes['ds'])}"]
+    if sizes["num_layers"]:
+        overrides.append(f"model.num_layers={sizes['num_layers']}")
+    return plan(load_config(None, overrides), 1, 1)["non_cuda_total"]
+
+
+LORA_SIBO = ["method.method=lora", "method.r=32", "method.alpha=64", "method.sibo_lambda=0.1"]
 
 
 def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
@@ -116,8 +124,7 @@ def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
     if not CUDA:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     distributed.init()
-    config = load_config(None, ["method.method=lora", "method.r=32", "method.alpha=64", "method.sibo_lambda=0.1",
-                                "train.warmup_steps=0", "train.max_steps=1000"])
+    config = load_config(None, [*LORA_SIBO, "train.warmup_steps=0", "train.max_steps=1000"])
     raw = ds_config.load(os.path.join(ROOT, "ds_configs", sizes["ds"]))
     resolved = ds_config.resolve(raw, hidden_size=models.hidden_size_of(sizes["preset"]), micro_batch_size=1,
                                  accumulation=1, world_size=1, dtype=sizes["dtype"])
