@@ -2,7 +2,9 @@
 
 One process, one rank: tiny-llama enlarged (default hidden 512, 4 layers) with LoRA-SIBO, the same
 batch for both; steps (forward, backward, AdamW step over the adapter) timed round-robin, medians.
-Goal: ZeRO-3 single-rank step time <= 1.3x plain.
+Goal: ZeRO-3 single-rank step time <= 1.3x plain. Both arms share one process and its malloc settings
+(as training leaves them after the build): a cost of the whole run's process set-up shows only in
+bench/vs_trainer.py, which launches peft-ds and the Trainer stack as users do.
 
     python bench/step.py [--steps 20] [--hidden 512] [--layers 4] [--batch 4] [--seq 256]
 """
@@ -36,7 +38,7 @@ def main():
     import peft_ds
     from peft_ds import distributed, ds_config
     from peft_ds.injection import adapter_parameters
-    from peft_ds.models import build_from_config
+    from peft_ds.models import build_from_config, zero3_build_memory
 
     distributed.init()
     config = enlarged_llama_config(args.hidden, args.layers)
@@ -52,7 +54,9 @@ def main():
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds)  # noqa: F841 (must stay alive while the model is built)
-    zero_model = peft_ds.apply_peft(build_from_config(config), spec).train()
+    with zero3_build_memory():  # glibc malloc as models.build_model leaves it for training (both arms after it)
+        zero_backbone = build_from_config(config)
+    zero_model = peft_ds.apply_peft(zero_backbone, spec).train()
     params = list(adapter_parameters(zero_model).values())
     engine, *_ = deepspeed.initialize(model=zero_model, model_parameters=params,
                                       optimizer=torch.optim.AdamW(params, lr=1e-4), config=ds)

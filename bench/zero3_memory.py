@@ -15,6 +15,7 @@ file pages of memory-mapped safetensors count in RSS but are the page cache, sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -73,16 +74,15 @@ def worker(args):
     from transformers.integrations import HfDeepSpeedConfig
 
     from peft_ds import distributed, ds_config
-    from peft_ds.models import build_from_config, return_freed_memory_to_os
+    from peft_ds.models import build_from_config, zero3_build_memory
 
     rank, world = distributed.init()
-    if not args.no_mallopt:
-        return_freed_memory_to_os()
     ds = ds_config.resolve(ds_config.load(os.path.join(args.root, "ds_configs", "zero3_bf16.json")),
                            hidden_size=args.hidden, micro_batch_size=1, accumulation=1, world_size=world, dtype="bf16")
     base = _status()
     keep = HfDeepSpeedConfig(ds)  # noqa: F841 (alive while the model is built)
-    with PeakSampler() as sampler:
+    memory = contextlib.nullcontext() if args.no_mallopt else zero3_build_memory()  # as models.build_model
+    with PeakSampler() as sampler, memory:
         if args.worker == "build":
             model = build_from_config(llama_config(args), dtype=torch.bfloat16)
         else:

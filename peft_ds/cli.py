@@ -123,18 +123,33 @@ def _load_run_config(args):
     return load_config(args.config, overrides)
 
 
+def _warm_up(config) -> None:
+    """A rank's slow imports (DeepSpeed, the model's class, datasets), done while its launcher checks;
+    among them the module that deepspeed.initialize imports to check a ZeRO optimizer (DeepSpeed's Muon,
+    whose torch.compile set-up costs more than importing DeepSpeed itself)."""
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
+
+    from .models import build_skeleton
+
+    build_skeleton(config.model.name_or_path, config.model.num_layers)
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+
+
 def cmd_train(args) -> int:
     from . import train
 
     config = _load_run_config(args)
     if args.nproc and "RANK" not in os.environ:
-        # Check everything here, once, before any rank starts; then start the local ranks.
+        # Check everything here, once, before any rank trains (the ranks import meanwhile: run_local).
         from .distributed import run_local
 
-        train.prepare(config, args.nproc)
         argv = ["train", args.config] + [x for item in args.set for x in ("--set", item)]
-        return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED)
-    from .distributed import shutdown
+        return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED,
+                         check=lambda: train.prepare(config, args.nproc))
+    from .distributed import shutdown, wait_at_gate
+
+    wait_at_gate(lambda: _warm_up(config))
 
     try:
         train.train(config)
@@ -371,9 +386,10 @@ def main(argv=None) -> int:
 
 def console() -> None:
     """The `peft-ds` command and `python -m peft_ds`: `main`, then `exit_process` (a rank that held a
-    process group leaves through os._exit)."""
-    from .distributed import exit_process
+    process group leaves through os._exit). `--nproc` may replace this process by its light launcher."""
+    from .distributed import exit_process, launcher_may_replace_process
 
+    launcher_may_replace_process()
     exit_process(main())
 
 

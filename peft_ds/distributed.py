@@ -241,16 +241,68 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
+_replace_on_launch = False  # see launcher_may_replace_process
+
+
+def launcher_may_replace_process() -> None:
+    """Called by the `peft-ds` command (cli.console): this process is the command's own, so `run_local`
+    may replace it by the light launcher once the ranks run. A Python caller of cli.main keeps its
+    process (run_local supervises the ranks in it)."""
+    global _replace_on_launch
+    _replace_on_launch = True
+
+
+GATE_VARIABLE = "PEFT_DS_GATE_FD"  # a rank started before the launcher's checks passed waits on this pipe
+
+
+def wait_at_gate(warm_up) -> None:
+    """In a rank that `run_local` started while it still checks the run: `warm_up()` (the slow imports;
+    its errors are the checks' to report), then wait for the launcher's verdict: a byte to go on, end of
+    file (the checks failed, or the launcher is gone) to stop at once without a word, the launcher
+    having said why. Nothing else is done or written before the gate."""
+    import threading
+
+    fd = os.environ.pop(GATE_VARIABLE, None)
+    if fd is None:
+        return
+
+    def listen():  # a stop ends the rank at once, mid-import
+        if os.read(int(fd), 1) != b"\1":
+            os._exit(0)
+
+    verdict = threading.Thread(target=listen, name="peft-ds-gate", daemon=True)
+    verdict.start()
+    try:
+        warm_up()
+    except Exception:
+        pass
+    verdict.join()
+    os.close(int(fd))
+
+
+def run_local(nproc: int, argv: list[str], preempted_code: int, check=lambda: None) -> int:
     """Start `python -m peft_ds ARGV` as `nproc` local ranks (torchrun's environment), forward
     SIGTERM/SIGUSR1/SIGINT to them, and stop them all as soon as one fails, so that a dead rank never
     leaves the others hanging in a collective. Returns 0, `preempted_code`, or the failing code (128 + N
-    for a rank killed by signal N, as a shell reports it; each failing rank is named on stderr)."""
+    for a rank killed by signal N, as a shell reports it; each failing rank is named on stderr).
+
+    `check()` runs every check before any rank trains; its error (PeftDsError: one line, exit 2) ends
+    the command with no rank having done anything. From the command line the ranks start first and do
+    their imports (seconds of CPU) while it runs, then wait at a gate (`wait_at_gate`); called from
+    Python, it runs before any rank starts.
+
+    From the command line this process (torch, transformers and DeepSpeed imported for the checks, some
+    400 MiB) then replaces itself by `local_launcher.py` (standard library only, a few MiB): same pid, so
+    PEFT_DS_LAUNCHER_PID, the ranks' parent and a signal sent to the command stay right; the forwarded
+    signals are blocked from before the exec until the launcher handles them."""
     import signal
     import subprocess
-    import sys
-    import time
 
+    from . import local_launcher
+
+    gate = os.pipe() if _replace_on_launch else None
+    if gate is None:
+        check()
     port = str(_free_port())
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     procs = []
@@ -261,49 +313,28 @@ def run_local(nproc: int, argv: list[str], preempted_code: int) -> int:
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
         env["PEFT_DS_LAUNCHER_PID"] = str(os.getpid())  # a rank that finds another parent stops at once
-        procs.append(subprocess.Popen([sys.executable, "-m", "peft_ds", *argv], env=env))
-
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [(rank, p.returncode) for rank, p in enumerate(procs)
-                      if p.returncode not in (None, 0, preempted_code)]
-            if failed:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                deadline = time.time() + 10
-                for p in procs:
-                    try:
-                        p.wait(timeout=max(0.1, deadline - time.time()))
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                return _failure(*failed[0])
-            time.sleep(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    codes = [p.returncode for p in procs]
-    if preempted_code in codes:
-        return preempted_code
-    return next((_failure(rank, c) for rank, c in enumerate(codes) if c != 0), 0)
-
-
-def _failure(rank: int, code: int) -> int:
-    import signal
-    import sys
-
-    if code < 0:
+        if gate is not None:
+            env[GATE_VARIABLE] = str(gate[0])
+        procs.append(subprocess.Popen([sys.executable, "-m", "peft_ds", *argv], env=env,
+                                      pass_fds=gate[:1] if gate else ()))
+    if gate is not None:
+        os.close(gate[0])
         try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        print(f"peft-ds: rank {rank} was killed by {name}", file=sys.stderr, flush=True)
-        return 128 - code
-    print(f"peft-ds: rank {rank} exited with code {code}", file=sys.stderr, flush=True)
-    return code
+            check()
+        except BaseException:
+            os.close(gate[1])  # end of file: every rank stops quietly
+            for p in procs:
+                p.wait()
+            raise
+        os.write(gate[1], b"\1" * nproc)
+        os.close(gate[1])
+    pids = [p.pid for p in procs]
+    if _replace_on_launch:
+        signal.pthread_sigmask(signal.SIG_BLOCK, local_launcher.FORWARDED)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.execv(sys.executable, [sys.executable, "-I", local_launcher.__file__, str(preempted_code),
+                                  *map(str, pids)])
+    for p in procs:  # supervise reaps them (waitpid); subprocess must never wait for them too
+        p.returncode = 0
+    return local_launcher.supervise(pids, preempted_code)

@@ -212,39 +212,80 @@ def build_skeleton(name_or_dir: str, num_layers: int | None = None):
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
 
-def return_freed_memory_to_os() -> None:
-    """Serve allocations of 1 MiB and more from mmap, so memory freed after partitioning goes back to
-    the OS. glibc's dynamic threshold otherwise climbs to 32 MiB after the first large free, and the
-    full-size staging tensors of zero.Init then stay resident: a 1B backbone measured 2x its
-    partition per rank (bench/zero3_memory.py)."""
+def _glibc():
+    """The C library through ctypes when it is glibc (mallopt and malloc_trim are glibc's), else None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name and "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "glibc"):
-        M_MMAP_THRESHOLD = -3
-        ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        return ctypes.CDLL(name)
+    return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+BUILD_MMAP_THRESHOLD = 1 << 20
+# After the build: glibc's own ceiling for its dynamic threshold; buffers below it are reused from the
+# heap, and freed heap memory is kept for the next step up to the trim threshold.
+STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def return_freed_memory_to_os() -> None:
+    """Serve allocations of 1 MiB and more from mmap, so memory freed after partitioning goes back to
+    the OS. glibc's dynamic threshold otherwise climbs to 32 MiB after the first large free, and the
+    full-size staging tensors of zero.Init then stay resident: a 1B backbone measured 2x its
+    partition per rank (bench/zero3_memory.py). For the build only (`zero3_build_memory`): kept for a
+    training run, every activation and gradient buffer of a MiB or more is a fresh mmap, page-faulted
+    on every step (bench/vs_trainer.py: 1.5x the step time of the Trainer stack)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, BUILD_MMAP_THRESHOLD)
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """The steady state after a ZeRO-3 build: buffers below 32 MiB come from the heap and are reused
+    step after step, freed heap memory is not trimmed back below 1 GiB on every free (both fixed, so
+    glibc's dynamic threshold cannot drift), and what the build freed goes back to the OS now
+    (malloc_trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def zero3_build_memory():
+    """While a ZeRO-3 backbone is built or loaded: `return_freed_memory_to_os`; afterwards
+    `keep_freed_memory_for_reuse`."""
+    return_freed_memory_to_os()
+    try:
+        yield
+    finally:
+        keep_freed_memory_for_reuse()
 
 
 def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None, num_layers: int | None = None):
     """The backbone for training. With a ZeRO-3 `ds_config` the HfDeepSpeedConfig exists before the
     model is built or loaded, so each rank materialises only its partition; it is kept alive on the
-    model (`model.hf_deepspeed_config`) as transformers requires."""
+    model (`model.hf_deepspeed_config`) as transformers requires, and the build runs under
+    `zero3_build_memory`."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    keep = None
+    keep, memory = None, contextlib.nullcontext()
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        return_freed_memory_to_os()
+        memory = zero3_build_memory()
         keep = HfDeepSpeedConfig(ds_config)
-    if name_or_dir in PRESETS:
-        model = build_from_config(preset_config(name_or_dir, num_layers), dtype=dtype)
-    else:
-        check_model_source(name_or_dir, num_layers)
-        check_model_dir(name_or_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
-        )
+    with memory:
+        if name_or_dir in PRESETS:
+            model = build_from_config(preset_config(name_or_dir, num_layers), dtype=dtype)
+        else:
+            check_model_source(name_or_dir, num_layers)
+            check_model_dir(name_or_dir)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+            )
     model.hf_deepspeed_config = keep
     return model
 
