@@ -198,7 +198,7 @@ def cmd_plan(args) -> int:
     world, per_node = world_from(args.world_size, args.nodes, args.gpus_per_node)
     if not args.gpu_memory > 0:
         raise PeftDsError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
-    result = plan_run(config, world, per_node, args.gpu_memory)
+    result = plan_run(config, world, per_node, args.gpu_memory, backend=args.backend)
     print(json.dumps(result, indent=2) if args.json else format_plan(result), flush=True)
     if args.require_fit and not result["fits"]:
         offload = result["with_offload"]
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=None, help="nodes, with --gpus-per-node (instead of --world-size)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node, with --nodes")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default 80)")
+    p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="the ranks' collectives: nccl (GPUs; "
+                   "default) or gloo (CPU ranks, whose all-gather stages its output again)")
     p.add_argument("--json", action="store_true", help="the same numbers by name, as JSON (bytes)")
     p.add_argument("--require-fit", action="store_true", help="exit 2 with one error line when the run does not fit")
     p.set_defaults(func=cmd_plan)

@@ -19,9 +19,11 @@ Model states (ZeRO-3, `deepspeed/runtime/zero/partition_parameters.py`, `stage3.
 Working buffers:
   reduce_bucket        contiguous_gradients: one reduce_bucket_size buffer per gradient dtype (stage3.py `ipg_buckets`)
   gathered_params      with more than one rank, the full copies of gathered parameters that are kept while they
-                       are reused within stage3_max_reuse_distance, plus the module being fetched and the prefetch
+                       are reused within stage3_max_reuse_distance (the frozen input embedding is not: backward never
+                       fetches it), plus the module being fetched and the prefetch
                        (partitioned_param_coordinator.py `__params_to_release`, `fetch_sub_module`); one rank
                        gathers nothing (`_no_gather_coalesced`) unless the partitions live on the host (offload_param)
+  allgather_staging    gloo only (CPU ranks, --backend gloo): all_gather_into_tensor stages its whole output again
 Activations (what autograd keeps for backward, counted by running the real model class on the meta device
 under torch.autograd.graph.saved_tensors_hooks: frozen weights save no input unless an adapter or a later
 trainable needs the gradient through it; parameters themselves are not counted):
@@ -50,7 +52,7 @@ OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
 MAX_MICRO_BATCH = 4096
 MODEL_STATE_TERMS = ("backbone_partition", "persisted", "adapter_params", "fp32_masters", "adam_moments",
                      "gradient_partition", "gradient_step_buffers")
-BUFFER_TERMS = ("reduce_bucket", "gathered_params")
+BUFFER_TERMS = ("reduce_bucket", "gathered_params", "allgather_staging")
 ACTIVATION_TERMS = ("activations", "logits_and_loss")
 
 
@@ -69,7 +71,9 @@ def inventory(skeleton, threshold: int) -> dict:
         kind = "adapter" if id(p) in adapters else "frozen"
         counts[kind + ("_persisted" if p.numel() <= threshold else "")].append(p.numel())
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in skeleton.modules())
-    return {**counts, "largest_module": largest_module}
+    embedding = skeleton.get_input_embeddings().weight
+    once = embedding.numel() if id(embedding) not in adapters and embedding.numel() > threshold else 0
+    return {**counts, "largest_module": largest_module, "used_once": once}
 
 
 def backbone_partition(inv, world, dtype_bytes) -> int:
@@ -117,12 +121,20 @@ def reduce_bucket(zero: dict, dtype_bytes) -> int:
 
 
 def gathered_params(inv, zero: dict, world, dtype_bytes, offload_param: bool) -> int:
+    """A parameter is kept gathered while its next use in the step's trace lies within
+    stage3_max_reuse_distance elements; the frozen input embedding has none (backward never fetches it)."""
     if world == 1 and not offload_param:
         return 0
-    gatherable = sum(inv["frozen"]) + sum(inv["adapter"])
+    gatherable = sum(inv["frozen"]) + sum(inv["adapter"]) - inv["used_once"]
     prefetch = min(int(zero.get("stage3_prefetch_bucket_size", 5e7)), int(zero.get("stage3_max_live_parameters", 1e9)))
     window = int(zero.get("stage3_max_reuse_distance", 1e9)) + inv["largest_module"] + prefetch
     return min(gatherable, window) * dtype_bytes
+
+
+def allgather_staging(inv, world, dtype_bytes, backend: str) -> int:
+    """gloo (CPU ranks) stages the whole output of all_gather_into_tensor in a second buffer (measured: the
+    peak is twice the gathered bytes); NCCL gathers in place. DeepSpeed gathers a module's parameters at once."""
+    return inv["largest_module"] * dtype_bytes if backend == "gloo" and world > 1 else 0
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -145,6 +157,7 @@ _TRACES: dict = {}
 
 
 def saved_tensors(name_or_dir, num_layers, spec, dtype, micro, cutoff) -> dict:
+    """`_trace`, once per model, spec, dtype and shape in this process."""
     import json
 
     key = (name_or_dir, num_layers, json.dumps(spec.to_dict(), sort_keys=True), dtype, micro, cutoff)
@@ -212,7 +225,7 @@ class ActivationModel:
     def activations(self, micro, layers, checkpointing) -> int:
         layer = self._at(self.layer, micro)
         if checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
-            layer_inputs = layers * micro * self.cutoff * self.hidden * self.dtype_bytes
+            layer_inputs = layers * self.views * micro * self.cutoff * self.hidden * self.dtype_bytes
             return self._at(self.outside, micro) + layer_inputs + layer
         return self._at(self.outside, micro) + layers * layer
 
@@ -235,7 +248,8 @@ def world_from(world_size=None, nodes=None, gpus_per_node=None) -> tuple[int, in
     return nodes * gpus_per_node, gpus_per_node
 
 
-def _terms(inv, zero, world, dtype_bytes, act: ActivationModel, micro, layers, checkpointing, offload) -> dict:
+def _terms(inv, zero, world, dtype_bytes, act: ActivationModel, micro, layers, checkpointing, offload,
+           backend) -> dict:
     """Every term in bytes; with `offload` the GPU keeps no partition and no optimizer state (both on the host)."""
     states = {
         "backbone_partition": backbone_partition(inv, world, dtype_bytes),
@@ -251,6 +265,7 @@ def _terms(inv, zero, world, dtype_bytes, act: ActivationModel, micro, layers, c
            if offload else states),
         "reduce_bucket": reduce_bucket(zero, dtype_bytes),
         "gathered_params": gathered_params(inv, zero, world, dtype_bytes, offload),
+        "allgather_staging": allgather_staging(inv, world, dtype_bytes, backend),
         "activations": act.activations(micro, layers, checkpointing),
         "logits_and_loss": act.logits_and_loss(micro),
     }
@@ -259,7 +274,7 @@ def _terms(inv, zero, world, dtype_bytes, act: ActivationModel, micro, layers, c
 
 
 def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-         deepspeed: str | None = None) -> dict:
+         deepspeed: str | None = None, backend: str = "nccl") -> dict:
     """The plan of run config `config` on `world` ranks (`ranks_per_node` per node), as a dict of numbers."""
     from .config import check_world_size
     from .injection import apply_peft
@@ -288,7 +303,7 @@ def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAUL
     context = int(CUDA_CONTEXT_GIB * GiB)
 
     def at(micro):
-        terms = _terms(inv, zero, world, dtype_bytes, act, micro, layers, t.gradient_checkpointing, offload)
+        terms = _terms(inv, zero, world, dtype_bytes, act, micro, layers, t.gradient_checkpointing, offload, backend)
         return terms, sum(terms["gpu"].values()) + context
 
     terms, total = at(t.micro_batch_size)
@@ -300,7 +315,7 @@ def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAUL
         "model": config.model.name_or_path, "num_layers": layers, "method": config.method.method,
         "sibo_lambda": config.method.sibo_lambda, "deepspeed": path, "dtype": dtype, "world_size": world,
         "ranks_per_node": ranks_per_node, "micro_batch_size": t.micro_batch_size, "cutoff_len": config.data.cutoff_len,
-        "gradient_checkpointing": t.gradient_checkpointing, "offload": offload,
+        "gradient_checkpointing": t.gradient_checkpointing, "offload": offload, "backend": backend,
         "parameters": {"frozen": sum(inv["frozen"]) + sum(inv["frozen_persisted"]),
                        "adapter": sum(inv["adapter"]) + sum(inv["adapter_persisted"]),
                        "persisted": sum(inv["frozen_persisted"]) + sum(inv["adapter_persisted"]),
@@ -316,14 +331,15 @@ def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAUL
     }
 
 
-def plan_run(config, world, ranks_per_node, gpu_memory_gib=DEFAULT_GPU_MEMORY_GIB, offload_config=None) -> dict:
+def plan_run(config, world, ranks_per_node, gpu_memory_gib=DEFAULT_GPU_MEMORY_GIB, offload_config=None,
+             backend="nccl") -> dict:
     """The plan with the run's DeepSpeed config and, beside it, with the offload config."""
     import os
 
-    main = plan(config, world, ranks_per_node, gpu_memory_gib)
+    main = plan(config, world, ranks_per_node, gpu_memory_gib, backend=backend)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     offload = offload_config or os.path.relpath(os.path.join(root, OFFLOAD_CONFIG))
-    main["with_offload"] = plan(config, world, ranks_per_node, gpu_memory_gib, offload)
+    main["with_offload"] = plan(config, world, ranks_per_node, gpu_memory_gib, offload, backend)
     return main
 
 
@@ -348,6 +364,8 @@ def format_plan(p: dict) -> str:
              "gradient_partition": "grad_partitions_flat_buffer, fp32",
              "gradient_step_buffers": "step's fp32 grad + full-size fp32 initial grad buffer",
              "reduce_bucket": f"reduce_bucket_size {p['settings']['reduce_bucket_size']}",
+             "allgather_staging": f"{p['backend']}: " + ("the gathered module staged again" if p["backend"] == "gloo"
+                                                          else "gathers in place"),
              "gathered_params": f"reuse within stage3_max_reuse_distance {p['settings']['stage3_max_reuse_distance']:g}"
                                 f" + largest module + prefetch {p['settings']['stage3_prefetch_bucket_size']}",
              "activations": "saved for backward (checkpointing " +

@@ -55,6 +55,7 @@ def test_json_gives_every_term_by_name(capsys):
     assert p["total"] == sum(p["gpu_bytes"].values()) + p["cuda_context_nccl"]
     assert p["non_cuda_total"] == p["total"] - p["cuda_context_nccl"]
     assert p["fits"] is True and p["gpu_memory"] == 40 * 2**30 and p["world_size"] == 16
+    assert p["backend"] == "nccl" and p["gpu_bytes"]["allgather_staging"] == 0  # NCCL gathers in place
     assert p["parameters"]["persistence_threshold"] == 10 * 5120  # "auto": 10 x hidden
     # LoRA r=32 on q, k, v, up, down of 40 layers: every matrix is above the threshold, so partitioned
     per_layer = 3 * 32 * (5120 + 5120) + 2 * 32 * (5120 + 13824)
@@ -190,7 +191,7 @@ def measure(tmp_path, name, preset, layers, ranks, micro, cutoff, checkpointing,
               "deepspeed": deepspeed, "output_dir": str(work / "run")}
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    predicted = planner.plan(load_config(str(path)), ranks, ranks)["non_cuda_total"]
+    predicted = planner.plan(load_config(str(path)), ranks, ranks, backend="gloo")["non_cuda_total"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), os.path.join(ROOT, "tests", "memory_train.py"), str(path),
            str(work / "memory")]
