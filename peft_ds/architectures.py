@@ -22,20 +22,31 @@ class Architecture:
     adamix_adapter_targets: tuple[str, ...]  # SPEC 2.4: the FFN output
 
 
+# LLaMA's layout, shared by the families that keep its module names and places (model.embed_tokens,
+# q/k/v/o_proj, gate/up/down_proj): LLaMA-1/2/3, Mistral, Qwen2. What differs between them lies inside
+# the modules an adapter wraps whole, so the targets and SIBO's sites are LLaMA's: grouped-query
+# attention (k/v_proj narrower than q_proj: every adapter takes its shapes from the wrapped linear),
+# Qwen2's q/k/v biases (kept in the frozen linear, untouched by a merge), rope scaling and Mistral's
+# sliding window (attention only; SIBO's h0 enters the MLP).
+LLAMA = Architecture(
+    name="llama",
+    embedding="model.embed_tokens",
+    base_model="model",
+    layers="model.layers",
+    lora_targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    adapter_targets=("gate_proj", "up_proj"),
+    output_side=("down_proj", "o_proj"),
+    # AdaMix: LoRA's sites; the adapter mixture on the FFN output blends its (hidden-sized) input.
+    sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj"), "adamix_lora": ("up_proj",),
+                "adamix_adapter": ("down_proj",), "bilora": ("up_proj",)},
+    adamix_adapter_targets=("down_proj",),
+)
+
+# model_type -> layout; CAUSAL_LM names each model_type's class for messages.
 ARCHITECTURES = {
-    "llama": Architecture(
-        name="llama",
-        embedding="model.embed_tokens",
-        base_model="model",
-        layers="model.layers",
-        lora_targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-        adapter_targets=("gate_proj", "up_proj"),
-        output_side=("down_proj", "o_proj"),
-        # AdaMix: LoRA's sites; the adapter mixture on the FFN output blends its (hidden-sized) input.
-        sibo_sites={"lora": ("up_proj",), "adapter": ("gate_proj", "up_proj"), "adamix_lora": ("up_proj",),
-                    "adamix_adapter": ("down_proj",), "bilora": ("up_proj",)},
-        adamix_adapter_targets=("down_proj",),
-    ),
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
     "gptj": Architecture(
         name="gptj",
         embedding="transformer.wte",
@@ -50,18 +61,22 @@ ARCHITECTURES = {
         adamix_adapter_targets=("fc_out",),
     ),
 }
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "gptj": "GPTJForCausalLM"}
 
 # Sites that are not adapted modules: their whole input is blended (official GPT-J Adapter-SIBO).
 WHOLE_INPUT_SITES = ("mlp",)
 
 
+def supported() -> str:
+    """The supported model_types and their classes, for error messages."""
+    return ", ".join(f"{t} ({c})" for t, c in CAUSAL_LM.items())
+
+
 def detect(model: nn.Module) -> Architecture:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise PeftDsError(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(ARCHITECTURES)} (LlamaForCausalLM, GPTJForCausalLM)"
-        )
+        raise PeftDsError(f"unsupported architecture {model_type!r} ({type(model).__name__}); supported: {supported()}")
     return ARCHITECTURES[model_type]
 
 

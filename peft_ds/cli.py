@@ -338,14 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("preset", help="write a preset (random weights) as a local Hugging Face model directory",
-                       description="Write a preset as config.json + model.safetensors + tokenizer.model, the layout "
+                       description="Write a preset as config.json + model.safetensors + its tokenizer (tokenizer.model; "
+                       "tokenizer.json + tokenizer_config.json for tiny-llama3 and tiny-qwen2), the layout "
                        "of a downloaded model, so that every path taking a model directory can be tried offline. "
                        "Tiny presets are the test models; the -shape presets have the published LLaMA-7B/13B and "
                        "GPT-J-6B configs with random weights (cut them with --num-layers on a CPU).")
-    p.add_argument("name", help="tiny-llama, tiny-gptj, or a real shape: llama-7b-shape, llama-13b-shape, gptj-6b-shape")
+    p.add_argument("name", help="tiny-llama, tiny-gptj, tiny-llama3, tiny-mistral, tiny-qwen2, or a real shape: "
+                   "llama-7b-shape, llama-13b-shape, gptj-6b-shape")
     p.add_argument("--num-layers", type=int, default=None, help="cut the depth to this many layers (default: "
                    "the preset's own)")
-    p.add_argument("dir", help="output directory (config.json, model.safetensors, tokenizer.model)")
+    p.add_argument("dir", help="output directory (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (each file replaced by a "
                    "rename)")
     p.set_defaults(func=cmd_preset)

@@ -1,6 +1,7 @@
 """Backbones: the presets (real transformers classes with the tiny test configs or the exact published
-configs of LLaMA-7B/13B and GPT-J-6B, seeded random init, the shipped tiny tokenizer) and local
-Hugging Face model directories (config + safetensors weights + tokenizer). No network.
+configs of LLaMA-7B/13B and GPT-J-6B, seeded random init, the shipped tiny tokenizers), local
+Hugging Face model directories (config + safetensors weights + tokenizer) and Hugging Face model ids
+already in the local Hugging Face cache. No network.
 
 A preset's depth can be cut (`num_layers`, the run config's `model.num_layers`) so that a CPU runs one
 or two layers of a real width; a model directory is always taken whole."""
@@ -8,19 +9,40 @@ or two layers of a real width; a model directory is always taken whole."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
+import tempfile
 import zlib
 
 import torch
 
+from . import architectures
 from .errors import PeftDsError, read_json
-from .tokenizer import TOKENIZER_MODEL, load_tokenizer
+from .tokenizer import TOKENIZER_FILES, TOKENIZER_JSON, TOKENIZER_MODEL, load_tokenizer
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 TINY_TOKENIZER = os.path.join(ASSETS, "tiny_tokenizer.model")
-TINY_VOCAB = 1024  # the shipped sentencepiece model's vocabulary
+TINY_TOKENIZER_JSON = os.path.join(ASSETS, "tiny_tokenizer.json")  # byte-level BPE, ids 0-2 <|pad|>, bos, eos
+TINY_VOCAB = 1024  # the shipped tokenizers' vocabulary (both)
+_TOKENIZER_CONFIG = {"model_max_length": 1024, "clean_up_tokenization_spaces": False}
+# Presets whose tokenizer is the shipped byte-level BPE as a tokenizer.json (no tokenizer.model), with the
+# tokenizer_config.json of the family's own and, where the family's tokenizer.json differs, its fields;
+# the other presets use the sentencepiece model.
+JSON_TOKENIZERS = {
+    # LLaMA-3: PreTrainedTokenizerFast; the post-processor puts <|begin_of_text|> first; no pad token
+    # (peft_ds.tokenizer pads with id 0).
+    "tiny-llama3": {"config": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                               "eos_token": "<|end_of_text|>", **_TOKENIZER_CONFIG},
+                    "tokenizer.json": {}},
+    # Qwen2: Qwen2Tokenizer (transformers rebuilds it with Qwen2's pre-tokenizer: single digits), no BOS
+    # (a ByteLevel post-processor, as Qwen2's tokenizer.json), eos and pad named.
+    "tiny-qwen2": {"config": {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "unk_token": None,
+                              "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>", **_TOKENIZER_CONFIG},
+                   "tokenizer.json": {"post_processor": {"type": "ByteLevel", "add_prefix_space": False,
+                                                         "trim_offsets": False, "use_regex": False}}},
+}
 
 PRESETS = {
     "tiny-llama": dict(
@@ -31,6 +53,32 @@ PRESETS = {
     "tiny-gptj": dict(
         model_type="gptj", vocab_size=TINY_VOCAB, n_embd=128, n_layer=4, n_head=4, rotary_dim=16,
         n_positions=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    ),
+    # The LLaMA family beyond LLaMA-1, each with what sets it apart from tiny-llama. LLaMA-3: 4:1
+    # grouped-query attention (LLaMA-3-8B: 32 heads, 8 KV heads), rope theta 5e5 with LLaMA-3.1's "llama3"
+    # rope scaling (wavelengths past original_max_position_embeddings / low_freq_factor stretched by
+    # factor), and a tokenizer.json without tokenizer.model (TINY_TOKENIZER_JSON).
+    "tiny-llama3": dict(
+        model_type="llama", vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=896, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 128},
+        rope_theta=500000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    ),
+    # Mistral: sliding-window attention (a window of 16 tokens, shorter than the training and generation
+    # lengths of the tests, so that it acts), 4:1 GQA; sentencepiece tokenizer as Mistral-7B's.
+    "tiny-mistral": dict(
+        model_type="mistral", vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=448, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    # Qwen2: biases in q/k/v_proj (drawn, not zero: init_preset_weights), tied embeddings as the small
+    # Qwen2 models, 2:1 GQA, rope theta 1e6; byte-level BPE tokenizer.json as Qwen2's.
+    "tiny-qwen2": dict(
+        model_type="qwen2", vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
     ),
     # The published config.json of each model (huggyllama/llama-7b and llama-13b, as LLM-Adapters' yahma
     # copies; EleutherAI/gpt-j-6b): every field that shapes the computation. Weights are random (seeded);
@@ -54,10 +102,13 @@ PRESETS = {
     ),
 }
 PRESET_SEED = 0
-SUPPORTED_MODEL_TYPES = ("llama", "gptj")
+SUPPORTED_MODEL_TYPES = tuple(architectures.ARCHITECTURES)
+# Models whose drawn biases are part of what they are: Qwen2's q/k/v biases (the released ones are far from
+# zero), so that an adapter, export or merge that lost a bias would change the outputs.
+DRAWN_BIASES = ("qwen2",)
 
 
-DEPTH_KEYS = {"llama": "num_hidden_layers", "gptj": "n_layer"}
+DEPTH_KEYS = {"gptj": "n_layer"}  # others: num_hidden_layers
 
 
 def preset_fields(name: str, num_layers: int | None = None) -> dict:
@@ -66,16 +117,15 @@ def preset_fields(name: str, num_layers: int | None = None) -> dict:
         raise PeftDsError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     fields = dict(PRESETS[name])
     if num_layers is not None:
-        fields[DEPTH_KEYS[fields["model_type"]]] = num_layers
+        fields[DEPTH_KEYS.get(fields["model_type"], "num_hidden_layers")] = num_layers
     return fields
 
 
 def preset_config(name: str, num_layers: int | None = None, **overrides):
-    from transformers import GPTJConfig, LlamaConfig
+    from transformers import AutoConfig
 
     fields = {**preset_fields(name, num_layers), **overrides}
-    model_type = fields.pop("model_type")
-    return (LlamaConfig if model_type == "llama" else GPTJConfig)(**fields)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 INIT_BLOCK = 1 << 20  # elements drawn per generator: bounds the temporary memory of a huge parameter
@@ -83,15 +133,18 @@ INIT_BLOCK = 1 << 20  # elements drawn per generator: bounds the temporary memor
 
 def init_preset_weights(model, seed: int = PRESET_SEED) -> None:
     """Seeded init that does not depend on ZeRO-3 or the world size: weights N(0, initializer_range),
-    drawn in blocks of rows, each block from its own generator seeded by (seed, name, block); biases 0,
-    norm weights 1. Under ZeRO-3 one parameter is gathered at a time, so no rank holds the backbone."""
+    drawn in blocks of rows, each block from its own generator seeded by (seed, name, block); biases 0
+    (drawn as weights for the model types in DRAWN_BIASES), norm weights 1. Under ZeRO-3 one parameter
+    is gathered at a time, so no rank holds the backbone."""
     std = model.config.initializer_range
+    drawn_biases = model.config.model_type in DRAWN_BIASES
     for name, param in model.named_parameters():
         shape = tuple(getattr(param, "ds_shape", param.shape))
+        is_bias = name.endswith("bias")
         with _gathered(param):
-            if name.endswith("bias"):
+            if is_bias and not drawn_biases:
                 param.data.zero_()
-            elif len(shape) == 1:
+            elif len(shape) == 1 and not is_bias:
                 param.data.fill_(1.0)
             else:
                 rows = max(1, INIT_BLOCK // max(1, math.prod(shape[1:])))
@@ -128,73 +181,123 @@ def build_preset(name: str, seed: int = PRESET_SEED, dtype=torch.float32, num_la
     return build_from_config(preset_config(name, num_layers, **overrides), seed=seed, dtype=dtype)
 
 
+def local_model_dir(name_or_path: str) -> str:
+    """A model directory as given, or a Hugging Face model id ("org/name") as its snapshot directory in
+    the local Hugging Face cache (HF_HOME / HF_HUB_CACHE, `refs/main`), found without any network
+    access (compute nodes are offline); one line saying how to download it when it is not there."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    presets = ", ".join(PRESETS)
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except HFValidationError:  # not of the form of a model id: a path
+        raise PeftDsError(f"{name_or_path!r} is neither a preset ({presets}) nor a model directory "
+                          f"({name_or_path} does not exist)") from None
+    except LocalEntryNotFoundError:
+        raise PeftDsError(
+            f"{name_or_path!r} is neither a preset ({presets}), a model directory, nor a model in the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}); to use that Hugging Face model, download it on a "
+            f"machine with network (a login node) into the cache this job reads: `hf download {name_or_path}` "
+            f"(older huggingface_hub: `huggingface-cli download {name_or_path}`)") from None
+
+
 def read_model_config(model_dir: str) -> dict:
+    """The config.json of a model directory or a cached Hugging Face model id, of a supported model_type."""
+    model_dir = local_model_dir(model_dir)
     path = os.path.join(model_dir, "config.json")
-    if not os.path.isdir(model_dir):
-        raise PeftDsError(f"model directory {model_dir} does not exist")
     if not os.path.isfile(path):
         raise PeftDsError(f"model directory {model_dir} has no config.json")
     config = read_json(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise PeftDsError(
-            f"{path}: unsupported model_type {config.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise PeftDsError(f"{path}: unsupported model_type {config.get('model_type')!r}; supported: "
+                          f"{architectures.supported()}")
     return config
 
 
 def check_model_dir(model_dir: str) -> dict:
-    """Everything about a model directory that can be wrong, checked before any weights are read."""
+    """Everything about a model directory (or cached model id) that can be wrong, checked before any
+    weights are read."""
     config = read_model_config(model_dir)
+    model_dir = local_model_dir(model_dir)
     names = set(os.listdir(model_dir))
     if not ({"model.safetensors", "model.safetensors.index.json"} & names):
         raise PeftDsError(f"model directory {model_dir} has no safetensors weights (model.safetensors[.index.json])")
-    if config["model_type"] == "llama" and TOKENIZER_MODEL not in names:
-        raise PeftDsError(f"model directory {model_dir} has no {TOKENIZER_MODEL}")
-    if config["model_type"] != "llama" and not ({TOKENIZER_MODEL, "tokenizer.json"} & names):
-        raise PeftDsError(f"model directory {model_dir} has no tokenizer ({TOKENIZER_MODEL} or tokenizer.json)")
+    if not (set(TOKENIZER_FILES) & names):
+        raise PeftDsError(f"model directory {model_dir} has no {' or '.join(TOKENIZER_FILES)} (no tokenizer)")
     return config
 
 
 def load_model_dir(model_dir: str, dtype=torch.float32):
-    """A local Hugging Face directory: (model, tokenizer); local files only, no remote code."""
+    """A local Hugging Face directory (or cached model id): (model, tokenizer); local files only, no
+    remote code."""
     from transformers import AutoModelForCausalLM
 
-    config = check_model_dir(model_dir)
+    check_model_dir(model_dir)
+    model_dir = local_model_dir(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
     )
-    return model, load_tokenizer(model_dir, config["model_type"])
+    return model, load_tokenizer(model_dir)
 
 
 def check_model_source(name_or_dir: str, num_layers: int | None = None) -> str:
-    """The model_type of a preset name or a model directory, checked before anything is loaded; a
-    depth (`num_layers`) is only for a preset and at least 1."""
+    """The model_type of a preset name, a model directory or a cached Hugging Face model id, checked
+    before anything is loaded; a depth (`num_layers`) is only for a preset and at least 1."""
     if num_layers is not None and (type(num_layers) is not int or num_layers < 1):
         raise PeftDsError(f"model.num_layers must be an integer >= 1, got {num_layers!r}")
     if name_or_dir in PRESETS:
         return PRESETS[name_or_dir]["model_type"]
-    if num_layers is not None and os.path.isdir(name_or_dir):
+    model_dir = local_model_dir(name_or_dir)
+    if num_layers is not None:
         raise PeftDsError(f"model.num_layers {num_layers} cuts the depth of a preset ({', '.join(PRESETS)}); "
                           f"{name_or_dir} is a model directory, which is always taken whole")
-    if not os.path.isdir(name_or_dir):
-        raise PeftDsError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
-    return check_model_dir(name_or_dir)["model_type"]
+    return check_model_dir(model_dir)["model_type"]
+
+
+def write_tokenizer(name: str, out_dir: str) -> None:
+    """Preset `name`'s tokenizer files in `out_dir`: tokenizer.model, or tokenizer.json and
+    tokenizer_config.json (JSON_TOKENIZERS)."""
+    if name not in JSON_TOKENIZERS:
+        shutil.copyfile(TINY_TOKENIZER, os.path.join(out_dir, TOKENIZER_MODEL))
+        return
+    with open(TINY_TOKENIZER_JSON, encoding="utf-8") as f:
+        tokenizer = {**json.load(f), **JSON_TOKENIZERS[name]["tokenizer.json"]}
+    with open(os.path.join(out_dir, TOKENIZER_JSON), "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(JSON_TOKENIZERS[name]["config"], f, indent=2)
 
 
 def load_tokenizer_for(name_or_dir: str):
+    if name_or_dir in JSON_TOKENIZERS:
+        # read as from the preset's directory: AutoTokenizer picks the class from both configs
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tokenizer(name_or_dir, tmp)
+            preset_config(name_or_dir).to_json_file(os.path.join(tmp, "config.json"))
+            return load_tokenizer(tmp)
     if name_or_dir in PRESETS:
         from .tokenizer import SentencePieceTokenizer
 
         return SentencePieceTokenizer(TINY_TOKENIZER)
-    return load_tokenizer(name_or_dir, check_model_source(name_or_dir))
+    check_model_source(name_or_dir)
+    return load_tokenizer(local_model_dir(name_or_dir))
+
+
+def _auto_config(name_or_dir: str, num_layers: int | None = None):
+    """The transformers config of a preset (its depth cut to `num_layers`) or of a model directory or
+    cached model id (local files only, no remote code)."""
+    if name_or_dir in PRESETS:
+        return preset_config(name_or_dir, num_layers)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(local_model_dir(name_or_dir), local_files_only=True, trust_remote_code=False)
 
 
 def hidden_size_of(name_or_dir: str) -> int:
-    config = preset_config(name_or_dir) if name_or_dir in PRESETS else None
-    if config is None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name_or_dir, local_files_only=True, trust_remote_code=False)
+    config = _auto_config(name_or_dir)
     return getattr(config, "hidden_size", None) or config.n_embd
 
 
@@ -203,11 +306,9 @@ def build_skeleton(name_or_dir: str, num_layers: int | None = None):
     checks inject adapters into it before any rank starts, so every targeting rule is checked by the
     code that injects. The class is called directly: from_config would partition it with zero.Init
     while a ZeRO-3 HfDeepSpeedConfig is alive in this process."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = preset_config(name_or_dir, num_layers) if name_or_dir in PRESETS else None
-    if config is None:
-        config = AutoConfig.from_pretrained(name_or_dir, local_files_only=True, trust_remote_code=False)
+    config = _auto_config(name_or_dir, num_layers)
     with torch.device("meta"):
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
@@ -282,16 +383,16 @@ def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = 
             model = build_from_config(preset_config(name_or_dir, num_layers), dtype=dtype)
         else:
             check_model_source(name_or_dir, num_layers)
-            check_model_dir(name_or_dir)
             model = AutoModelForCausalLM.from_pretrained(
-                name_or_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+                local_model_dir(name_or_dir), dtype=dtype, local_files_only=True, trust_remote_code=False
             )
     model.hf_deepspeed_config = keep
     return model
 
 
 def load_model(name_or_dir: str, dtype=torch.float32, num_layers: int | None = None):
-    """A preset name (its depth cut to `num_layers`) or a local model directory: (model, tokenizer)."""
+    """A preset name (its depth cut to `num_layers`), a local model directory or a cached Hugging Face
+    model id: (model, tokenizer)."""
     check_model_source(name_or_dir, num_layers)
     if name_or_dir in PRESETS:
         return build_preset(name_or_dir, dtype=dtype, num_layers=num_layers), load_tokenizer_for(name_or_dir)
@@ -300,7 +401,7 @@ def load_model(name_or_dir: str, dtype=torch.float32, num_layers: int | None = N
 
 def write_preset(name: str, out_dir: str, force: bool = False, num_layers: int | None = None) -> str:
     """Write a preset (its depth cut to `num_layers`) as a local HF model directory: config.json,
-    model.safetensors, tokenizer.model.
+    model.safetensors, and its tokenizer: tokenizer.model, or tokenizer.json + tokenizer_config.json.
     Built beside `out_dir` and moved in (with `force`, into a non-empty directory file by file, each
     file replaced by a rename, never written through a symlink); modes follow the umask."""
     from . import outputs
@@ -312,5 +413,5 @@ def write_preset(name: str, out_dir: str, force: bool = False, num_layers: int |
     model = build_preset(name, num_layers=num_layers)
     with outputs.replace_dir(out_dir, merge=True) as staging:
         model.save_pretrained(staging)
-        shutil.copyfile(TINY_TOKENIZER, os.path.join(staging, TOKENIZER_MODEL))
+        write_tokenizer(name, staging)
     return out_dir

@@ -1,8 +1,9 @@
 """Tokenizers, from a local model directory only.
 
-LLaMA: the sentencepiece `tokenizer.model` read directly with sentencepiece (ids as LLaMA: unk 0,
-bos 1, eos 2; pad = 0 as LLM-Adapters sets `pad_token_id = 0`). Other architectures (GPT-J): the
-directory's Hugging Face tokenizer files through `AutoTokenizer`, local files only.
+A sentencepiece `tokenizer.model` (LLaMA-1/2, Mistral) is read directly with sentencepiece (ids as
+LLaMA: unk 0, bos 1, eos 2; pad = 0 as LLM-Adapters sets `pad_token_id = 0`). A directory without one
+(LLaMA-3, Qwen2, GPT-J: `tokenizer.json` and its companions) is read through `AutoTokenizer`, local
+files only, no remote code; pad is id 0 when the tokenizer has none.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from .errors import PeftDsError
 
 TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_MODEL, TOKENIZER_JSON)  # a model directory needs one of these
 
 
 class SentencePieceTokenizer:
@@ -42,12 +45,10 @@ class SentencePieceTokenizer:
         return self.sp.decode(ids)
 
 
-def load_tokenizer(model_dir: str, model_type: str):
+def load_tokenizer(model_dir: str):
     path = os.path.join(model_dir, TOKENIZER_MODEL)
     if os.path.isfile(path):
         return SentencePieceTokenizer(path)
-    if model_type == "llama":
-        raise PeftDsError(f"model directory {model_dir} has no {TOKENIZER_MODEL} (LLaMA needs its sentencepiece model)")
     from transformers import AutoTokenizer
 
     try:
