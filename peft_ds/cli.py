@@ -302,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "--gpu-memory, the largest micro-batch that fits, and the same with "
                        "ds_configs/zero3_offload.json (GPU and host). launcher/launch.sh runs it before any rank.")
     p.add_argument("config", help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="accepted as train takes it; the plan is the same")
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default 1)")
-    p.add_argument("--nodes", type=int, default=None, help="nodes, with --gpus-per-node (instead of --world-size)")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node, with --nodes")
+    p.add_argument("--nodes", type=int, default=None, help="nodes, with --gpus-per-node (instead of --world-size; "
+                   "default: --world-size ranks on one node)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node, with --nodes (default: none)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default 80)")
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="the ranks' collectives: nccl (GPUs; "
                    "default) or gloo (CPU ranks, whose all-gather stages its output again)")
