@@ -25,10 +25,15 @@ Measured per run, from outside the processes:
              import).
   wall       launch -> end of the first optimizer step (peer: its callback's clock; peft-ds: the mtime of
              metrics.jsonl when its first loss row appears), launch -> exit of the launcher.
+  CPU/step   the ranks' CPU seconds (user + system, both ranks) per step over steps 6..N, sampled from
+             /proc when each step's row appears: the work of a step, which a shared CPU does not
+             stretch as it stretches wall time.
   faults/CPU minor page faults, system and user CPU of the launcher and all ranks (wait4).
 Model-FLOPs use of the peft-ds LoRA step (`model_flops` states the count) at --hidden and at
 --mfu-hidden, over the fp32 GEMM ceiling of the ranks' threads (2 processes x 1 thread, torch.mm,
-measured in this run before and after the timed runs, the best size).
+measured in this run before and after the timed runs, the best size): by wall clock (model FLOP/s over
+the 2 processes' summed GEMM FLOP/s) and per CPU-second (model FLOPs over the ranks' CPU seconds, over
+one GEMM thread's FLOPs per CPU-second), the latter unchanged by other work on a shared CPU.
 
     python bench/vs_trainer.py [--rounds 3] [--steps 30] [--hidden 512] [--layers 4] [--mfu-hidden 1024]
 """
@@ -154,23 +159,26 @@ def gemm_worker(start: float, seconds: float):
         torch.mm(a, b)
         while time.time() < start + k * (seconds + 0.5):
             time.sleep(0.005)
-        count, t0 = 0, time.perf_counter()
+        count, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             torch.mm(a, b)
             count += 1
-        rates[f"{m}x{kk}x{n}"] = 2 * m * kk * n * count / (time.perf_counter() - t0) / 1e9
+        flops = 2 * m * kk * n * count / 1e9
+        rates[f"{m}x{kk}x{n}"] = (flops / (time.perf_counter() - t0), flops / (time.process_time() - c0))
     print(json.dumps(rates), flush=True)
 
 
-def gemm_ceiling(processes: int = 2, seconds: float = 2.0) -> tuple[float, dict]:
-    """Summed GFLOP/s of `processes` single-thread processes running torch.mm at once; the best size."""
+def gemm_ceiling(processes: int = 2, seconds: float = 2.0) -> tuple[float, float, dict]:
+    """Summed GFLOP/s of `processes` single-thread processes running torch.mm at once, and GFLOP per
+    CPU-second of one such thread (what a shared CPU leaves unchanged); each the best size."""
     start = time.time() + 8  # after every worker has imported torch
     procs = [subprocess.Popen([sys.executable, __file__, "--gemm-worker", str(start), str(seconds)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
              for _ in range(processes)]
     rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    summed = {size: sum(r[size] for r in rates) for size in rates[0]}
-    return max(summed.values()), summed
+    summed = {size: sum(r[size][0] for r in rates) for size in rates[0]}
+    per_cpu_second = {size: statistics.mean(r[size][1] for r in rates) for size in rates[0]}
+    return max(summed.values()), max(per_cpu_second.values()), summed
 
 
 # ---- one run, measured from outside -----------------------------------------------------------------
@@ -188,6 +196,15 @@ def _read_status(pid: int) -> dict:
     return values
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _is_rank(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -201,8 +218,9 @@ class Monitor:
     VmRSS while the ranks train (from the end of the first step) and over the whole run, and when the
     first optimizer step ended (`first_step`)."""
 
-    def __init__(self, root: int, first_step):
-        self.root, self.first_step_probe = root, first_step
+    def __init__(self, root: int, first_step, steps_done):
+        self.root, self.first_step_probe, self.steps_done = root, first_step, steps_done
+        self.cpu_at_step = {}  # steps logged -> the ranks' CPU seconds (user + system) when first seen
         self.rank_hwm, self.launcher_rss, self.launcher_hwm, self.first_step = {}, 0, 0, None
         self.ranks_started = None
         self.stop = threading.Event()
@@ -238,6 +256,9 @@ class Monitor:
                     self.rank_hwm[pid] = max(self.rank_hwm.get(pid, 0), hwm)
             if self.first_step is None:
                 self.first_step = self.first_step_probe()
+            done = self.steps_done()
+            if done and done not in self.cpu_at_step:
+                self.cpu_at_step[done] = sum(_cpu_seconds(p) for p in ranks)
             root = _read_status(self.root)
             if root:
                 self.launcher_hwm = max(self.launcher_hwm, root.get("VmRSS", 0))
@@ -248,6 +269,15 @@ class Monitor:
     def close(self):
         self.stop.set()
         self.thread.join()
+
+
+def _cpu_per_step(cpu_at_step: dict, warm: int, steps: int) -> float:
+    """The ranks' CPU seconds (both, user + system) per step from step `warm` to `steps`: the work of a
+    step whatever else the machine runs (wall time under a shared CPU is not)."""
+    seen = sorted(k for k in cpu_at_step if k >= warm)
+    if len(seen) < 2:
+        return float("nan")
+    return (cpu_at_step[seen[-1]] - cpu_at_step[seen[0]]) / (seen[-1] - seen[0])
 
 
 def run_arm(name: str, shape: dict, args, index: int) -> dict:
@@ -281,10 +311,17 @@ def run_arm(name: str, shape: dict, args, index: int) -> dict:
                 return json.loads(f.readline())["end"]
         return os.stat(log_path).st_mtime
 
+    def steps_done():
+        try:
+            with open(log_path) as f:
+                return f.read().count('"loss"')
+        except FileNotFoundError:
+            return 0
+
     with open(os.path.join(out, "stdout.log"), "w") as log:
         launched = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        monitor = Monitor(proc.pid, first_step)
+        monitor = Monitor(proc.pid, first_step, steps_done)
         _, status, usage = os.wait4(proc.pid, 0)
         exited = time.time()
         monitor.close()
@@ -305,12 +342,14 @@ def run_arm(name: str, shape: dict, args, index: int) -> dict:
               "launcher": monitor.launcher_rss, "launcher_peak": monitor.launcher_hwm,
               "first_step": (monitor.first_step or exited) - launched, "exit": exited - launched,
               "ranks_started": (monitor.ranks_started or exited) - launched,
+              "step_cpu": _cpu_per_step(monitor.cpu_at_step, args.warm_steps, args.steps),
               "minflt": usage.ru_minflt, "stime": usage.ru_stime, "utime": usage.ru_utime, "step_s": step_s}
     if method is not None and method["method"] == "lora" and not method.get("sibo_lambda"):
         flops = [model_flops(shape["config"], shape["steps"][k]["shapes"], method) for k in range(args.steps)]
         result["flops_per_s"] = statistics.median(flops[k] / step_s[k] for k in timed)
+        result["flops_per_cpu_s"] = sum(flops[k] for k in timed) / (result["step_cpu"] * len(timed))
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-    print(f"  {name:<20} step {result['step'] * 1e3:7.1f} ms  rank peak {result['rank_peak'] / MIB:6.0f} MiB  "
+    print(f"  {name:<20} step {result['step'] * 1e3:7.1f} ms  CPU/step {result['step_cpu'] * 1e3:7.1f} ms  rank peak {result['rank_peak'] / MIB:6.0f} MiB  "
           f"launcher {result['launcher'] / MIB:5.0f} MiB  first step {result['first_step']:5.1f} s  "
           f"exit {result['exit']:5.1f} s  minflt {result['minflt'] / 1e6:5.2f} M  sys {result['stime']:5.1f} s  "
           f"loss1 {result['loss1']:.5f}", flush=True)
@@ -321,6 +360,7 @@ def run_arm(name: str, shape: dict, args, index: int) -> dict:
 
 FIELDS = [  # key, label, unit scale, format
     ("step", "median step (steps {w}-{n})", 1e3, "{:.0f} ms"),
+    ("step_cpu", "ranks' CPU per step (both, steps {w}-{n})", 1e3, "{:.0f} ms"),
     ("rank_peak", "peak RSS, larger rank", 1 / MIB, "{:.0f} MiB"),
     ("launcher", "launcher RSS while ranks train", 1 / MIB, "{:.0f} MiB"),
     ("launcher_peak", "launcher RSS, whole run (max)", 1 / MIB, "{:.0f} MiB"),
@@ -362,6 +402,7 @@ def report(results: list[dict], args) -> None:
 
     if ours in names and peer in names:
         goals = [("step time <= 0.95 x peer", med(ours, "step") / med(peer, "step"), 0.95),
+                 ("  (CPU per step <= 0.95 x peer)", med(ours, "step_cpu") / med(peer, "step_cpu"), 0.95),
                  ("peak per-rank RSS <= peer", med(ours, "rank_peak") / med(peer, "rank_peak"), 1.0),
                  ("launcher RSS <= torchrun", med(ours, "launcher") / med(peer, "launcher"), 1.0),
                  ("launch to first step <= peer", med(ours, "first_step") / med(peer, "first_step"), 1.0),
@@ -404,8 +445,9 @@ def main():
           f"global 8, 2 ranks, {args.steps} steps, fp32; batches padded to "
           f"{min(s for st in shape['steps'] for _, s in st['shapes'])}-"
           f"{max(s for st in shape['steps'] for _, s in st['shapes'])} tokens")
-    ceiling_before, sizes = gemm_ceiling()
-    print(f"fp32 GEMM, 2 processes x 1 thread: " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()) + " GFLOP/s")
+    ceiling_before, per_cpu_before, sizes = gemm_ceiling()
+    print(f"fp32 GEMM, 2 processes x 1 thread: " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()) + " GFLOP/s; "
+          f"{per_cpu_before:.1f} GFLOP per CPU-second of one thread")
     results, index = [], 0
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}", flush=True)
@@ -417,20 +459,22 @@ def main():
         wide_shape = prepare(args, args.mfu_hidden, os.path.join(args.workdir, f"h{args.mfu_hidden}"))
         print(f"hidden {args.mfu_hidden} ({wide_shape['config'].num_attention_heads} heads), peft-ds LoRA", flush=True)
         wide.append(run_arm("peft-ds LoRA", wide_shape, args, index))
-    ceiling_after, sizes = gemm_ceiling()
+    ceiling_after, per_cpu_after, sizes = gemm_ceiling()
     print(f"fp32 GEMM, 2 processes x 1 thread (after): " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items())
-          + " GFLOP/s")
+          + f" GFLOP/s; {per_cpu_after:.1f} GFLOP per CPU-second of one thread")
     report(results, args)
-    ceiling = max(ceiling_before, ceiling_after)
+    ceiling, per_cpu = max(ceiling_before, ceiling_after), max(per_cpu_before, per_cpu_after)
     for label, rows in ((f"hidden {args.hidden}", results), (f"hidden {args.mfu_hidden}", wide)):
         rates = [r["flops_per_s"] for r in rows if "flops_per_s" in r]
         if rates:
-            rate = statistics.median(rates)
-            print(f"  model-FLOPs use, peft-ds LoRA step, {label}: {rate / 1e9:.1f} GFLOP/s / ceiling "
-                  f"{ceiling:.1f} GFLOP/s = {rate / 1e9 / ceiling:.3f}  (goal >= 0.60: "
-                  f"{'met' if rate / 1e9 / ceiling >= 0.6 else 'NOT met'})")
+            rate, cpu_rate = statistics.median(rates), statistics.median(r["flops_per_cpu_s"] for r in rows
+                                                                          if "flops_per_cpu_s" in r)
+            print(f"  model-FLOPs use, peft-ds LoRA step, {label}: wall {rate / 1e9:.1f} GFLOP/s / {ceiling:.1f} "
+                  f"= {rate / 1e9 / ceiling:.3f}; per CPU-second {cpu_rate / 1e9:.1f} / {per_cpu:.1f} = "
+                  f"{cpu_rate / 1e9 / per_cpu:.3f}  (goal >= 0.60: {'met' if cpu_rate / 1e9 / per_cpu >= 0.6 else 'NOT met'})")
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump({"results": results, "wide": wide, "ceiling_gflops": [ceiling_before, ceiling_after]}, f, indent=1)
+        json.dump({"results": results, "wide": wide, "ceiling_gflops": [ceiling_before, ceiling_after],
+                   "gflop_per_cpu_second": [per_cpu_before, per_cpu_after]}, f, indent=1)
     print(f"raw results: {os.path.join(args.workdir, 'results.json')}")
 
 
