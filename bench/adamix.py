@@ -30,6 +30,9 @@ from common import (add_model_arguments, describe, enlarged_llama_config, lockst
                     print_profile, shared_copy, turns)
 
 
+VARIANTS = ("lora", "adamix", "adamix-two-pass")
+
+
 def model_config(args):
     return enlarged_llama_config(args.hidden, args.layers, args.vocab)
 
@@ -151,10 +154,12 @@ def main():
     add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to time (lora always)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes to run")
     parser.add_argument("--profile", action="store_true",
                         help="instead: one plain-PyTorch step of LoRA and of AdaMix one pass under torch.profiler")
-    parser.add_argument("--worker", choices=["lora", "adamix", "adamix-two-pass"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.variant = args.worker
@@ -165,9 +170,9 @@ def main():
     print(f"{describe(model_config(args))}, batch {args.batch}x{args.seq}, LoRA r=8, "
           f"AdaMix-LoRA 4 experts of A (shared B), consistency weight 1, fp32, ZeRO-3 (gloo, CPU), "
           f"{args.steps} steps per run, medians")
-    variants = ("lora", "adamix", "adamix-two-pass")
+    variants = ["lora"] + [v for v in args.variants if v != "lora"]
     for world in args.worlds:
-        med = {}
+        med = dict.fromkeys(VARIANTS)
         results = lockstep({variant: launches(args, variant, world) for variant in variants}, args.steps + 3)
         for variant in variants:
             result, error = results[variant]

@@ -58,9 +58,10 @@ def shared_copy(backbone):
     return copy.deepcopy(backbone, memo={id(p): p for p in backbone.parameters()})
 
 
-def print_profile(steps: dict, rows: int = 8) -> None:
+def print_profile(steps: dict, rows: int = 8, watch=()) -> None:
     """{name: step function}: one warm-up call each, then one call each under torch.profiler; prints
-    every variant's wall time, its self CPU time per operator (top `rows`, and matmuls in total)."""
+    every variant's wall time, its self CPU time per operator (top `rows`, the operators in `watch`,
+    and matmuls in total)."""
     import time
 
     from torch.profiler import profile
@@ -77,7 +78,7 @@ def print_profile(steps: dict, rows: int = 8) -> None:
         matmul = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e6
         print(f"  {name}: {wall:.2f} s wall under the profiler; self CPU {total:.2f} s, of which matmuls "
               f"({'/'.join(MATMULS)}) {matmul:.2f} s")
-        for e in ops[:rows]:
+        for e in ops[:rows] + [e for e in ops[rows:] if e.key in watch]:
             print(f"    {e.key:<36} {e.self_cpu_time_total / 1e6:7.3f} s  {e.count:5d} calls")
 
 

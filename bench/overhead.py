@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from common import REAL_WIDTHS, add_model_arguments, describe, enlarged_llama_config, shared_copy
+from common import REAL_WIDTHS, add_model_arguments, describe, enlarged_llama_config, print_profile, shared_copy
 
 import peft_ds
 from peft_ds.architectures import ARCHITECTURES
@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--bottleneck", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: one step of each variant under torch.profiler (self CPU time per operator)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,6 +76,8 @@ def main():
             opt.zero_grad(set_to_none=True)
 
         steps[name] = step
+    if args.profile:
+        return print_profile(steps, watch=("aten::lerp",))  # SIBO's blend
     times = {name: [] for name in variants}
     for round_ in range(args.steps + 3):
         for name, step in steps.items():
