@@ -38,7 +38,10 @@ class SentencePieceTokenizer:
         return [self.bos_token_id] + ids if add_bos else ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        """Ids the sentencepiece model has no piece for decode to nothing, as Hugging Face's tokenizers
+        skip them: a model's vocabulary can be larger than its tokenizer's (GPT-J's 50400 rows for 50257
+        tokens; a real-width preset's over the shipped tiny tokenizer) and generation can pick one."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if skip_special_tokens:
             special = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
             ids = [i for i in ids if i not in special]

@@ -184,6 +184,35 @@ def _grad_check(engine, model) -> tuple[int, int]:
     return with_grad, len(params)
 
 
+def zero3_placement(engine, model) -> dict | None:
+    """Where ZeRO-3 keeps each parameter: partitioned over the ranks, or persisted (whole on every rank,
+    never gathered): DeepSpeed persists a parameter of at most stage3_param_persistence_threshold
+    elements (`ds_persist`; "auto" is 10 x hidden). Counts and elements per kind (adapter, backbone), and
+    the threshold DeepSpeed applied; None without ZeRO-3."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None:
+        return None
+    adapters = set(map(id, adapter_parameters(model).values()))
+    placement = {"threshold": offload.param_numel_persistence_threshold}
+    for kind in ("adapter", "backbone"):
+        placement[kind] = {"partitioned": [0, 0], "persisted": [0, 0]}
+    for param in model.parameters():
+        row = placement["adapter" if id(param) in adapters else "backbone"]
+        counts = row["persisted" if getattr(param, "ds_persist", False) else "partitioned"]
+        counts[0], counts[1] = counts[0] + 1, counts[1] + param.ds_numel
+    return placement
+
+
+def format_placement(placement: dict) -> str:
+    def kind(name):
+        row = placement[name]
+        return (f"{name} parameters {row['partitioned'][0]} partitioned ({row['partitioned'][1]:,} elements), "
+                f"{row['persisted'][0]} persisted ({row['persisted'][1]:,})")
+
+    return (f"ZeRO-3: {kind('adapter')}; {kind('backbone')}; persisted: at most {placement['threshold']:,} "
+            f"elements (stage3_param_persistence_threshold), whole on every rank")
+
+
 def step_metrics(engine, spec) -> dict:
     """What every method logs beyond its objective's metrics (collective under ZeRO-3). grad_norm: the
     2-norm of the last optimizer step's whole gradient before clipping, the norm DeepSpeed clips with
@@ -318,8 +347,11 @@ def train(config: RunConfig) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=run["ds"])
     objective = objective_for(model, config.method, optimizer, scheduler, run)
+    placement = zero3_placement(engine, model)
     if is_main:
         print(format_report(trainable_report(model)), flush=True)
+        if placement is not None:
+            print(format_placement(placement), flush=True)
 
     start = 0
     if run["resume"]:
@@ -355,8 +387,9 @@ def train(config: RunConfig) -> dict:
             with_grad, n_params = _grad_check(engine, model)
             if with_grad != n_params:
                 raise RuntimeError(f"only {with_grad} of {n_params} adapter parameters received a gradient")
-            if is_main:
-                metrics.write(json.dumps({"step": 0, "grad_check": [with_grad, n_params]}) + "\n")
+            if is_main:  # the start of a run: gradients seen, where ZeRO-3 placed the parameters
+                row = {"step": 0, "grad_check": [with_grad, n_params]}
+                metrics.write(json.dumps({**row, "zero3_placement": placement} if placement else row) + "\n")
 
     try:
         for step in range(start, run["total"]):

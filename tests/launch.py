@@ -19,11 +19,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def write_config(path, output_dir, model="tiny-llama", method=None, deepspeed="zero3_cpu.json", **train):
+def write_config(path, output_dir, model="tiny-llama", method=None, deepspeed="zero3_cpu.json", num_layers=None,
+                 cutoff_len=64, **train):
     config = {
-        "model": {"name_or_path": model, "dtype": "fp32"},
+        "model": {"name_or_path": model, "dtype": "fp32", **({"num_layers": num_layers} if num_layers else {})},
         "method": method or {"method": "lora", "r": 4, "alpha": 8},
-        "data": {"train_file": MATH, "val_set_size": 0, "cutoff_len": 64},
+        "data": {"train_file": MATH, "val_set_size": 0, "cutoff_len": cutoff_len},
         "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 5, "lr": 1.0e-3, "warmup_steps": 0,
                   "save_every": 0, "eval_every": 0, **train},
         "deepspeed": os.path.join(ROOT, "ds_configs", deepspeed),
