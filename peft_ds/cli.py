@@ -223,6 +223,14 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def _run_config_arguments(p, resume_help: str) -> None:
+    """CONFIG, --set and --resume: how train, check and plan read a run config (`_load_run_config`)."""
+    p.add_argument("config", help="run config YAML (e.g. configs/demo_tiny_llama_lora_sibo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help=resume_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-ds", description=__doc__.split("\n")[0] + " "
                                      "Parameter-efficient adapters on frozen LLaMA / GPT-J under DeepSpeed ZeRO-3.")
@@ -250,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "1 (default) is Betty's darts, as the authors' code runs it; train.lr gives DARTS's "
                        "second-order approximation, the hypergradient through one unrolled lower step, whose "
                        "implicit term is lr times the default's (README, BiLoRA).")
-    p.add_argument("config", help="run config YAML (e.g. configs/demo_tiny_llama_lora_sibo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set train.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    _run_config_arguments(p, "continue from the newest complete checkpoint")
     p.add_argument("--nproc", type=int, default=0, help="start this many local ranks itself, as torchrun would "
                    "(default 0: this process is one rank of a launcher's: torchrun, srun, deepspeed, mpirun)")
     p.set_defaults(func=cmd_train)
@@ -287,10 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every check `peft-ds train` makes before work starts (config, DeepSpeed JSON, "
                        "model directory, data, output directory, batch sizes for the world size); starts nothing. "
                        "launcher/launch.sh runs it once before starting the ranks.")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (repeatable)")
-    p.add_argument("--resume", action="store_true", help="check as for --resume")
+    _run_config_arguments(p, "check as for --resume")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks the run will have")
     p.set_defaults(func=cmd_check)
 
@@ -301,10 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(peft_ds/plan.py names the DeepSpeed setting or formula of each), the total against "
                        "--gpu-memory, the largest micro-batch that fits, and the same with "
                        "ds_configs/zero3_offload.json (GPU and host). launcher/launch.sh runs it before any rank.")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (repeatable)")
-    p.add_argument("--resume", action="store_true", help="accepted as train takes it; the plan is the same")
+    _run_config_arguments(p, "accepted as train takes it; the plan is the same")
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default 1)")
     p.add_argument("--nodes", type=int, default=None, help="nodes, with --gpus-per-node (instead of --world-size; "
                    "default: --world-size ranks on one node)")
