@@ -121,9 +121,7 @@ def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
     from peft_ds.injection import apply_peft
     from peft_ds.train import make_optimizer
 
-    if not CUDA:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    distributed.init()
+    distributed.init()  # importing peft_ds named DeepSpeed's CPU accelerator where there is no CUDA
     config = load_config(None, [*LORA_SIBO, "train.warmup_steps=0", "train.max_steps=1000"])
     raw = ds_config.load(os.path.join(ROOT, "ds_configs", sizes["ds"]))
     resolved = ds_config.resolve(raw, hidden_size=models.hidden_size_of(sizes["preset"]), micro_batch_size=1,
@@ -236,8 +234,7 @@ def cmd_methods(args) -> int:
                "--set", "train.eval_every=0", "--set", "train.resume=false", "--set", f"output_dir={out}"]
         for item in overrides:
             cmd += ["--set", item]
-        env = dict(os.environ, **({} if CUDA else {"DS_ACCELERATOR": "cpu"}))
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             results[name] = {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
             print(f"{name}: failed\n{r.stderr[-2000:]}")

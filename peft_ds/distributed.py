@@ -310,8 +310,6 @@ def run_local(nproc: int, argv: list[str], preempted_code: int, check=lambda: No
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "OMP_NUM_THREADS": threads}
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
         env["PEFT_DS_LAUNCHER_PID"] = str(os.getpid())  # a rank that finds another parent stops at once
         if gate is not None:
             env[GATE_VARIABLE] = str(gate[0])
