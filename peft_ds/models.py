@@ -134,24 +134,44 @@ INIT_BLOCK = 1 << 20  # elements drawn per generator: bounds the temporary memor
 def init_preset_weights(model, seed: int = PRESET_SEED) -> None:
     """Seeded init that does not depend on ZeRO-3 or the world size: weights N(0, initializer_range),
     drawn in blocks of rows, each block from its own generator seeded by (seed, name, block); biases 0
-    (drawn as weights for the model types in DRAWN_BIASES), norm weights 1. Under ZeRO-3 one parameter
-    is gathered at a time, so no rank holds the backbone."""
+    (drawn as weights for the model types in DRAWN_BIASES), norm weights 1. Under ZeRO-3 each rank draws
+    only the blocks that overlap its own partition (a flat slice of the parameter) and writes them there:
+    no rank gathers or draws the backbone. Persisted parameters (whole on every rank) are drawn whole."""
     std = model.config.initializer_range
     drawn_biases = model.config.model_type in DRAWN_BIASES
     for name, param in model.named_parameters():
         shape = tuple(getattr(param, "ds_shape", param.shape))
         is_bias = name.endswith("bias")
-        with _gathered(param):
-            if is_bias and not drawn_biases:
-                param.data.zero_()
-            elif len(shape) == 1 and not is_bias:
-                param.data.fill_(1.0)
+        fill = 0.0 if is_bias and not drawn_biases else 1.0 if len(shape) == 1 and not is_bias else None
+        partitioned = hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False)
+        with contextlib.nullcontext() if partitioned else _gathered(param):
+            target = param.ds_tensor if partitioned else param.data
+            flat = target.view(-1)
+            lo = flat.numel() * torch.distributed.get_rank(param.ds_process_group) if partitioned else 0
+            hi = min(lo + flat.numel(), math.prod(shape))
+            if hi <= lo:
+                continue
+            if fill is not None:
+                flat[:hi - lo].fill_(fill)
             else:
-                rows = max(1, INIT_BLOCK // max(1, math.prod(shape[1:])))
-                for block, start in enumerate(range(0, shape[0], rows)):
-                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{block}".encode()))
-                    chunk = torch.empty((min(rows, shape[0] - start), *shape[1:])).normal_(0.0, std, generator=g)
-                    param.data[start:start + rows].copy_(chunk.to(param.dtype))
+                flat[:hi - lo].copy_(_seeded_normal(seed, name, shape, std, lo, hi))
+
+
+def _seeded_normal(seed: int, name: str, shape: tuple, std: float, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the flattened seeded init of parameter `name`: blocks of whole rows of at most
+    INIT_BLOCK elements, block b drawn by the generator seeded with (seed, name, b); only the blocks that
+    overlap [lo, hi) are drawn."""
+    row = max(1, math.prod(shape[1:]))
+    block = max(1, INIT_BLOCK // row) * row
+    total = math.prod(shape)
+    out = torch.empty(hi - lo)
+    for b in range(lo // block, (hi - 1) // block + 1):
+        start = b * block
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{b}".encode()))
+        chunk = torch.empty(min(block, total - start)).normal_(0.0, std, generator=g)
+        a, z = max(lo, start), min(hi, start + chunk.numel())
+        out[a - lo:z - lo] = chunk[a - start:z - start]
+    return out
 
 
 @contextlib.contextmanager
@@ -170,10 +190,29 @@ def build_from_config(config, seed: int = PRESET_SEED, dtype=torch.float32):
     ZeRO-3 HfDeepSpeedConfig is alive)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _without_transformers_zero3_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         init_preset_weights(model, seed)
     return model
+
+
+@contextlib.contextmanager
+def _without_transformers_zero3_init():
+    """Under ZeRO-3, transformers' `_from_config` gathers every module to all ranks to run its own random init
+    (`integrations.deepspeed.initialize_weights_zero3`), which `init_preset_weights` then overwrites: over half of
+    a real-width build. Skipped while the preset is built; buffers are computed at construction either way."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    original = getattr(hf_deepspeed, "initialize_weights_zero3", None)
+    if original is None:
+        yield
+        return
+    hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = original
 
 
 def build_preset(name: str, seed: int = PRESET_SEED, dtype=torch.float32, num_layers: int | None = None,

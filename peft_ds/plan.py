@@ -18,11 +18,15 @@ Model states (ZeRO-3, `deepspeed/runtime/zero/partition_parameters.py`, `stage3.
                        full (unpartitioned) adapter numel in fp32 that `initialize_optimizer_states` allocates
 Working buffers:
   reduce_bucket        contiguous_gradients: one reduce_bucket_size buffer per gradient dtype (stage3.py `ipg_buckets`)
-  gathered_params      with more than one rank, the full copies of gathered parameters that are kept while they
-                       are reused within stage3_max_reuse_distance (the frozen input embedding is not: backward never
-                       fetches it), plus the module being fetched and the prefetch
-                       (partitioned_param_coordinator.py `__params_to_release`, `fetch_sub_module`); one rank
-                       gathers nothing (`_no_gather_coalesced`) unless the partitions live on the host (offload_param)
+  gathered_params      with more than one rank, the full copies gathered at the end of the forward pass, when the
+                       activations peak: DeepSpeed's parameter coordinator replayed over the module trace
+                       (`gathered_during_forward`: fetch, prefetch up to stage3_prefetch_bucket_size per module
+                       fetch while fewer than stage3_max_live_parameters are gathered, release unless reused within
+                       stage3_max_reuse_distance or already queued for a later use; partitioned_param_coordinator.py
+                       `fetch_sub_module`, `__params_to_release`). Every module fetch, parameterless ones too,
+                       prefetches a bucket, so at depth the prefetch runs ahead into the backward pass and re-gathers
+                       its parameters up to stage3_max_live_parameters. One rank gathers nothing
+                       (`_no_gather_coalesced`) unless the partitions live on the host (offload_param)
   allgather_staging    gloo only (CPU ranks, --backend gloo): all_gather_into_tensor stages its whole output again
 Activations (what autograd keeps for backward, counted by running the real model class on the meta device
 under torch.autograd.graph.saved_tensors_hooks: frozen weights save no input unless an adapter or a later
@@ -37,6 +41,8 @@ trainable needs the gradient through it; parameters themselves are not counted):
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 
@@ -71,9 +77,7 @@ def inventory(skeleton, threshold: int) -> dict:
         kind = "adapter" if id(p) in adapters else "frozen"
         counts[kind + ("_persisted" if p.numel() <= threshold else "")].append(p.numel())
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in skeleton.modules())
-    embedding = skeleton.get_input_embeddings().weight
-    once = embedding.numel() if id(embedding) not in adapters and embedding.numel() > threshold else 0
-    return {**counts, "largest_module": largest_module, "used_once": once}
+    return {**counts, "largest_module": largest_module, "trace": module_trace(skeleton, threshold)}
 
 
 def backbone_partition(inv, world, dtype_bytes) -> int:
@@ -121,14 +125,102 @@ def reduce_bucket(zero: dict, dtype_bytes) -> int:
 
 
 def gathered_params(inv, zero: dict, world, dtype_bytes, offload_param: bool) -> int:
-    """A parameter is kept gathered while its next use in the step's trace lies within
-    stage3_max_reuse_distance elements; the frozen input embedding has none (backward never fetches it)."""
     if world == 1 and not offload_param:
         return 0
-    gatherable = sum(inv["frozen"]) + sum(inv["adapter"]) - inv["used_once"]
-    prefetch = min(int(zero.get("stage3_prefetch_bucket_size", 5e7)), int(zero.get("stage3_max_live_parameters", 1e9)))
-    window = int(zero.get("stage3_max_reuse_distance", 1e9)) + inv["largest_module"] + prefetch
-    return min(gatherable, window) * dtype_bytes
+    settings = tuple(int(zero.get(k, d)) for k, d in (("stage3_prefetch_bucket_size", 5e7),
+                                                      ("stage3_max_live_parameters", 1e9),
+                                                      ("stage3_max_reuse_distance", 1e9)))
+    cache = inv.setdefault("gathered_cache", {})
+    if settings not in cache:
+        cache[settings] = gathered_during_forward(inv["trace"], *settings)[-1]
+    return cache[settings] * dtype_bytes
+
+
+def module_trace(skeleton, threshold: int) -> dict:
+    """How ZeRO-3 meets the modules in one forward and backward, recorded by running the skeleton on the meta
+    device with a hook before and after every module call (DeepSpeed fetches and releases in the same hooks).
+    "forward": the calls as ("fetch" | "release", direct parameters [(key, numel, persisted)]); "order": the
+    modules in fetch order (DeepSpeed's `__submodule_order`): the forward fetches, then the backward's, which are
+    the forward releases reversed (a container's output gradient arrives before its children's) of the modules
+    whose output needs a gradient (DeepSpeed fetches for backward from a hook on the outputs; a frozen layer
+    whose input needs no gradient, such as the first layer's base projections, is not fetched again)."""
+    events = []
+
+    def params_of(module):
+        return [(id(p), p.numel(), p.numel() <= threshold) for p in module.parameters(recurse=False)]
+
+    def before(module, *_):
+        events.append(("fetch", params_of(module), False))
+
+    def after(module, _, output):
+        outputs = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else [output]
+        needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs)
+        events.append(("release", params_of(module), needs_grad))
+
+    handles = [h for m in skeleton.modules()
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        skeleton(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    forward = [(kind, params) for kind, params, _ in events]
+    backward = [params for kind, params, needs_grad in reversed(events) if kind == "release" and needs_grad]
+    return {"forward": forward, "order": [params for kind, params in forward if kind == "fetch"] + backward}
+
+
+def gathered_during_forward(trace: dict, prefetch_bucket: int, max_live: int, reuse_distance: int) -> list[int]:
+    """Elements gathered (not persisted) after each forward event: partitioned_param_coordinator.py replayed
+    on `module_trace`. A fetch gathers the module's parameters, pops their own entries off the parameter queue,
+    then prefetches: pops entries until the not-yet-gathered elements popped reach min(max_live - gathered,
+    bucket), marking each popped parameter as queued for that later use. A release keeps a parameter queued for a
+    later step or used again within reuse_distance elements of the trace (counted module by module)."""
+    order = trace["order"]
+    numel = {key: n for params in order for key, n, _ in params}
+    persisted = {key for params in order for key, _, kept in params if kept}
+    queue = collections.deque((key, at) for at, params in enumerate(order) for key, _, _ in params)
+    queued_for = collections.defaultdict(lambda: -1)
+    gathered, total, step, after = set(), 0, 0, []
+
+    def gather(key):
+        nonlocal total
+        if key not in gathered and key not in persisted:
+            gathered.add(key)
+            total += numel[key]
+            return numel[key]
+        return 0
+
+    for kind, params in trace["forward"]:
+        keys = [key for key, _, _ in params]
+        if kind == "fetch":
+            for key in keys:
+                gather(key)
+            pending, popped = {k for k in keys if queued_for[k] < step}, set()
+            while queue and len(popped) < len(pending):
+                key, at = queue.popleft()
+                queued_for[key] = at
+                popped.add(key)
+            budget, fetched = min(max_live - total, prefetch_bucket), 0
+            while prefetch_bucket > 0 and queue and fetched < budget:
+                key, at = queue.popleft()
+                queued_for[key] = max(queued_for[key], at)
+                fetched += gather(key)
+            step += 1
+            after.append(total)
+            continue
+        keep, traversed = {k for k in keys if queued_for[k] > step}, 0
+        for later in order[step:]:
+            if traversed >= reuse_distance:
+                break
+            for key, n, _ in later:
+                keep.add(key)
+                traversed += n
+        for key in keys:
+            if key in gathered and key not in keep:
+                gathered.discard(key)
+                total -= numel[key]
+        after.append(total)
+    return after
 
 
 def allgather_staging(inv, world, dtype_bytes, backend: str) -> int:
@@ -366,8 +458,10 @@ def format_plan(p: dict) -> str:
              "reduce_bucket": f"reduce_bucket_size {p['settings']['reduce_bucket_size']}",
              "allgather_staging": f"{p['backend']}: " + ("the gathered module staged again" if p["backend"] == "gloo"
                                                           else "gathers in place"),
-             "gathered_params": f"reuse within stage3_max_reuse_distance {p['settings']['stage3_max_reuse_distance']:g}"
-                                f" + largest module + prefetch {p['settings']['stage3_prefetch_bucket_size']}",
+             "gathered_params": "at the end of forward: ZeRO-3's fetch/prefetch/release replayed (prefetch "
+                                f"{p['settings']['stage3_prefetch_bucket_size']:g}, max live "
+                                f"{p['settings']['stage3_max_live_parameters']:g}, reuse "
+                                f"{p['settings']['stage3_max_reuse_distance']:g})",
              "activations": "saved for backward (checkpointing " +
                             ("on" if p["gradient_checkpointing"] else "off") +
                             f"; {'off' if p['gradient_checkpointing'] else 'on'}: "

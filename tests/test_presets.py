@@ -109,3 +109,24 @@ def test_an_adapter_rebuilds_its_preset_at_the_depth_it_was_trained_on(tmp_path)
     with pytest.raises(PeftDsError, match="was trained on"):
         _check_adapter(str(tmp_path / "a"), "tiny-llama", 4)
     assert preset_fields("tiny-llama", 2)["num_hidden_layers"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,threshold", [("tiny-llama", 0), ("tiny-gptj", 3000), ("tiny-qwen2", 100)])
+def test_zero3_ranks_draw_their_own_partitions_of_the_same_weights(tmp_path, name, threshold):
+    """Under ZeRO-3 each rank draws only its partition's blocks (persisted parameters whole): gathered on 2 ranks,
+    every parameter and buffer equals the plain build's, bit for bit (transformers' own ZeRO-3 init is skipped)."""
+    from launch import free_port
+
+    out = tmp_path / "zero3.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "tests", "zero3_build.py"), name, "2",
+           str(threshold), str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    partitioned = torch.load(out, weights_only=True)
+    model = build_preset(name, num_layers=2)
+    plain = {**{n: p.data for n, p in model.named_parameters()}, **{f"buffer:{n}": b for n, b in model.named_buffers()}}
+    assert partitioned.keys() == plain.keys() and any(n.startswith("buffer:") for n in plain)
+    for n, tensor in partitioned.items():
+        assert torch.equal(tensor, plain[n]), n
