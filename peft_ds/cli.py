@@ -124,16 +124,22 @@ def _load_run_config(args):
 
 
 def _warm_up(config) -> None:
-    """A rank's slow imports (DeepSpeed, the model's class, datasets), done while its launcher checks;
+    """A rank's slow imports (DeepSpeed, the model's class, the lr schedules, datasets unless the launcher hands
+    over the tokenized sets), done while its launcher checks;
     among them the module that deepspeed.initialize imports to check a ZeRO optimizer (DeepSpeed's Muon,
     whose torch.compile set-up costs more than importing DeepSpeed itself)."""
-    import datasets  # noqa: F401
     import deepspeed  # noqa: F401
+
+    from .train import HANDOFF_VARIABLE
+
+    if HANDOFF_VARIABLE not in os.environ:  # handed the tokenized sets, a rank of --nproc needs no `datasets`
+        import datasets  # noqa: F401
 
     from .models import build_skeleton
 
     build_skeleton(config.model.name_or_path, config.model.num_layers)
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    import transformers.optimization  # noqa: F401  (the lr schedules: make_optimizer)
 
 
 def cmd_train(args) -> int:
@@ -144,9 +150,19 @@ def cmd_train(args) -> int:
         # Check everything here, once, before any rank trains (the ranks import meanwhile: run_local).
         from .distributed import run_local
 
+        import tempfile
+
         argv = ["train", args.config] + [x for item in args.set for x in ("--set", item)]
-        return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED,
-                         check=lambda: train.prepare(config, args.nproc))
+        # the ranks take the checked, tokenized inputs from here (local_launcher removes the directory)
+        os.environ[train.HANDOFF_VARIABLE] = handoff = tempfile.mkdtemp(prefix="peft-ds-prepared-")
+        try:
+            return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED,
+                             check=lambda: train.save_prepared(train.prepare(config, args.nproc), handoff))
+        finally:  # a failed check (the launcher, which replaces this process on success, removes it otherwise)
+            import shutil
+
+            shutil.rmtree(handoff, ignore_errors=True)
+            os.environ.pop(train.HANDOFF_VARIABLE, None)
     from .distributed import shutdown, wait_at_gate
 
     wait_at_gate(lambda: _warm_up(config))

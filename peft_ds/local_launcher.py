@@ -10,11 +10,13 @@ so that it holds a few MiB instead of several hundred while the ranks train."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HANDOFF_VARIABLE = "PEFT_DS_PREPARED"  # train.HANDOFF_VARIABLE (this file imports nothing of peft_ds)
 
 
 def failure(rank: int, code: int) -> int:
@@ -80,6 +82,9 @@ def supervise(pids: list[int], preempted_code: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        handed = os.environ.get(HANDOFF_VARIABLE)  # the checked inputs the ranks were handed (train.save_prepared)
+        if handed and os.path.basename(handed).startswith("peft-ds-prepared-"):
+            shutil.rmtree(handed, ignore_errors=True)
     if preempted_code in codes:
         return preempted_code
     return next((failure(rank, c) for rank, c in enumerate(codes) if c != 0), 0)

@@ -149,6 +149,32 @@ def prepare(config: RunConfig, world_size: int):
                 val_set=val_set, levels=levels, total=total, steps_per_epoch=steps_per_epoch, resume=resume)
 
 
+HANDOFF_VARIABLE = "PEFT_DS_PREPARED"  # `peft-ds train --nproc`: the directory of its checked inputs (save_prepared)
+_HANDED_SETS = ("train_set", "val_set", "lower_set", "upper_set")
+
+
+def save_prepared(run: dict, path: str) -> None:
+    """What `prepare` returned, written by `peft-ds train --nproc` after its checks so that its ranks neither
+    check nor tokenize again, nor import `datasets` (pandas, pyarrow): one JSON file, each tokenized data set as
+    its list of examples (the ranks only take len() and [i] of a set). The tokenizer is loaded again (cheap).
+    local_launcher removes the directory when the ranks are done."""
+    sets = dict(zip(_HANDED_SETS, (run["train_set"], run["val_set"], *(run["levels"] or (None, None)))))
+    scalars = {k: v for k, v in run.items() if k not in ("tokenizer", "train_set", "val_set", "levels")}
+    handed = {**scalars, "sets": {name: dataset.to_list() for name, dataset in sets.items() if dataset is not None}}
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump(handed, f, separators=(",", ":"))
+
+
+def load_prepared(path: str, config: RunConfig) -> dict:
+    """`save_prepared`'s directory read back into what `prepare` returns (data sets as lists of examples)."""
+    with open(os.path.join(path, "run.json")) as f:
+        run = json.load(f)
+    sets = run.pop("sets")
+    levels = (sets["lower_set"], sets["upper_set"]) if "lower_set" in sets else None
+    return {**run, "train_set": sets["train_set"], "val_set": sets.get("val_set"), "levels": levels,
+            "tokenizer": models.load_tokenizer_for(config.model.name_or_path)}
+
+
 def _batches(dataset, indices, micro, pad_id):
     return [data.collate([dataset[i] for i in indices[k:k + micro]], pad_id) for k in range(0, len(indices), micro)]
 
@@ -324,7 +350,8 @@ def train(config: RunConfig) -> dict:
     from tqdm.auto import tqdm
 
     # ---- inputs: everything that can be wrong is checked before any work -------------------------
-    run = prepare(config, distributed.world_size_from_env())
+    handed = os.environ.pop(HANDOFF_VARIABLE, None)
+    run = load_prepared(handed, config) if handed else prepare(config, distributed.world_size_from_env())
     rank, world = distributed.init()
     distributed.barrier()  # every rank has checked the output directory before rank 0 writes into it
     t, out = config.train, config.output_dir

@@ -62,10 +62,44 @@ def test_model_directory_errors(capsys, tmp_path, base):
 
 
 def test_error_is_one_line_from_the_command(tmp_path, base):
-    r = peft_ds("train", base, "--nproc", "2", "--set", "train.global_batch_size=7")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    r = peft_ds("train", base, "--nproc", "2", "--set", "train.global_batch_size=7",
+                env={**os.environ, "TMPDIR": str(scratch)})
     assert r.returncode == 2
     assert r.stderr.strip() == ("peft-ds: error: train.global_batch_size 7 is not a multiple of "
                                 "train.micro_batch_size 2")
+    assert list(scratch.iterdir()) == []  # the directory for the ranks' checked inputs is gone too
+
+
+@pytest.mark.parametrize("method,val", [({"method": "lora", "r": 4, "alpha": 8, "sibo_lambda": 0.2}, 20),
+                                        ({"method": "bilora", "r": 4, "alpha": 8}, 0)], ids=["lora-val", "bilora"])
+def test_ranks_read_back_the_commands_checked_inputs(tmp_path, method, val):
+    """`peft-ds train --nproc` checks and tokenizes once and hands its ranks the result (train.save_prepared):
+    read back, every data set (BiLoRA's D1 and D2 too) and every other value equal what prepare returned."""
+    from peft_ds import train
+    from peft_ds.config import load_config
+
+    config = load_config(write_config(tmp_path / "run.yaml", tmp_path / "out", method=method), [])
+    config.data.val_set_size = val
+    run = train.prepare(config, 2)
+    (tmp_path / "handed").mkdir()
+    train.save_prepared(run, str(tmp_path / "handed"))
+    back = train.load_prepared(str(tmp_path / "handed"), config)
+    assert back.keys() == run.keys()
+    for key in run:
+        if key in ("train_set", "val_set"):
+            assert (back[key] is None) == (run[key] is None)
+            assert run[key] is None or [back[key][i] for i in range(len(back[key]))] == run[key].to_list()
+        elif key == "levels":
+            assert (back[key] is None) == (run[key] is None)
+            for a, b in zip(back[key] or (), run[key] or ()):
+                assert [a[i] for i in range(len(a))] == b.to_list() and len(a) > 0
+        elif key == "tokenizer":
+            assert back[key].encode("x + 1 = 2") == run[key].encode("x + 1 = 2")
+        else:
+            assert back[key] == run[key], key
+    assert (run["levels"] is not None) == (method["method"] == "bilora") and (run["val_set"] is not None) == (val > 0)
 
 
 @pytest.mark.slow
