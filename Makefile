@@ -18,7 +18,7 @@ demo: install
 # Slurm and shellcheck for the launch tests (apt, only what is missing), then the whole suite.
 test: install
 	bash scripts/install_system.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The suite without the slow multi-process tests (a few minutes): what to run while editing.
 test-fast: install

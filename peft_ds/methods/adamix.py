@@ -86,15 +86,17 @@ def _experts(first: torch.Tensor, count: int, init=None) -> nn.Module | nn.Param
     return nn.ParameterList([nn.Parameter(first.clone() if init is None else init(first)) for _ in range(count)])
 
 
-def over_views(module, z: torch.Tensor, apply) -> torch.Tensor:
-    """apply(z_part, i, j) with the routed experts of each view (each half of a doubled batch), or
-    with the averaged experts in eval mode."""
+def over_views(module, z: torch.Tensor, apply, *alongside: torch.Tensor) -> torch.Tensor:
+    """apply(z_part, i, j, *alongside_parts) with the routed experts of each view (each half of a doubled
+    batch; tensors `alongside` are split the same way), or with the averaged experts in eval mode."""
     if not module.training:
-        return apply(z, None, None)
+        return apply(z, None, None, *alongside)
     router = module._router
-    parts = z.chunk(router.views, dim=0) if router.views > 1 else [z]
-    out = [apply(part, *router.route(module.route_index, view)) for view, part in enumerate(parts)]
-    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
+    if router.views == 1:
+        return apply(z, *router.route(module.route_index, 0), *alongside)
+    split = zip(*(t.chunk(router.views, dim=0) for t in (z, *alongside)))
+    return torch.cat([apply(part, *router.route(module.route_index, view), *rest)
+                      for view, (part, *rest) in enumerate(split)], dim=0)
 
 
 class AdamixLoraLinear(LoraLinear):
@@ -111,9 +113,20 @@ class AdamixLoraLinear(LoraLinear):
         self.route_index = router.register()
 
     def add_delta(self, result, z):
+        """result + s * B_j A_i z per view. In fp32 as LoraLinear: s on the r-wide intermediate and each view's
+        addition fused into its last matmul (two passes over the output less). 16-bit: PEFT's order, one
+        rounding."""
         A, B = stacked(self.lora_A), stacked(self.lora_B)
-        delta = over_views(self, z, lambda part, i, j: F.linear(F.linear(part, expert(A, i)), expert(B, j)))
-        return add_rounded_once(result, delta * self.scaling)
+        if not result.dtype == z.dtype == torch.float32:
+            delta = over_views(self, z, lambda part, i, j: F.linear(F.linear(part, expert(A, i)), expert(B, j)))
+            return add_rounded_once(result, delta * self.scaling)
+
+        def fused(part, i, j, out):
+            h = F.linear(part, expert(A, i)) * self.scaling
+            rows = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), expert(B, j).t())
+            return rows.view(out.shape)
+
+        return over_views(self, z, fused, result)
 
     def merged(self) -> LoraLinear:
         """A plain LoRA with each expert set averaged: with shared B, exactly the mean of the experts' dW."""
