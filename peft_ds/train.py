@@ -354,6 +354,10 @@ def train(config: RunConfig) -> dict:
     run = load_prepared(handed, config) if handed else prepare(config, distributed.world_size_from_env())
     rank, world = distributed.init()
     distributed.barrier()  # every rank has checked the output directory before rank 0 writes into it
+    if handed and rank == 0 and os.path.basename(handed).startswith("peft-ds-prepared-"):
+        import shutil  # every rank has read the handed inputs: gone now, even if the run is killed later
+
+        shutil.rmtree(handed, ignore_errors=True)
     t, out = config.train, config.output_dir
     ckpt_root, metrics_path = os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl")
     is_main = rank == 0

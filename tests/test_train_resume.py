@@ -28,9 +28,10 @@ def config(tmp_path, name):
                         max_steps=STEPS, save_every=2, lr=1.0e-2, warmup_steps=2)
 
 
-def start(cfg):
+def start(cfg, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "peft_ds", "train", cfg, "--nproc", "2"], cwd=ROOT,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
 
 
 def wait_for_step(out_dir, step, proc, timeout=300):
@@ -82,10 +83,14 @@ def test_logged_lr_is_the_trainers(reference, tmp_path):
 
 def test_kill_and_resume_matches_uninterrupted(reference, tmp_path):
     cfg = config(tmp_path, "killed")
-    proc = start(cfg)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = start(cfg, env={**os.environ, "TMPDIR": str(scratch)})
     wait_for_step(tmp_path / "killed", 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # parent and both ranks, mid-run
     proc.wait()
+    # the inputs handed to the ranks (train.save_prepared) went once they had read them
+    assert not [p for p in scratch.iterdir() if p.name.startswith("peft-ds-prepared-")]
     with open(tmp_path / "killed" / "checkpoints" / "latest") as f:
         tag = f.read()
     assert tag in {f"step{s}" for s in (4, 6)}
