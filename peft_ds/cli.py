@@ -130,7 +130,7 @@ def _warm_up(config) -> None:
     whose torch.compile set-up costs more than importing DeepSpeed itself)."""
     import deepspeed  # noqa: F401
 
-    from .train import HANDOFF_VARIABLE
+    from .local_launcher import HANDOFF_VARIABLE
 
     if HANDOFF_VARIABLE not in os.environ:  # handed the tokenized sets, a rank of --nproc needs no `datasets`
         import datasets  # noqa: F401
@@ -148,21 +148,20 @@ def cmd_train(args) -> int:
     config = _load_run_config(args)
     if args.nproc and "RANK" not in os.environ:
         # Check everything here, once, before any rank trains (the ranks import meanwhile: run_local).
-        from .distributed import run_local
-
         import tempfile
 
+        from .distributed import run_local
+        from .local_launcher import HANDOFF_PREFIX, HANDOFF_VARIABLE, remove_handoff
+
         argv = ["train", args.config] + [x for item in args.set for x in ("--set", item)]
-        # the ranks take the checked, tokenized inputs from here (local_launcher removes the directory)
-        os.environ[train.HANDOFF_VARIABLE] = handoff = tempfile.mkdtemp(prefix="peft-ds-prepared-")
+        # the ranks take the checked, tokenized inputs from here (train.save_prepared)
+        os.environ[HANDOFF_VARIABLE] = handoff = tempfile.mkdtemp(prefix=HANDOFF_PREFIX)
         try:
             return run_local(args.nproc, argv + (["--resume"] if args.resume else []), train.EXIT_PREEMPTED,
                              check=lambda: train.save_prepared(train.prepare(config, args.nproc), handoff))
-        finally:  # a failed check (the launcher, which replaces this process on success, removes it otherwise)
-            import shutil
-
-            shutil.rmtree(handoff, ignore_errors=True)
-            os.environ.pop(train.HANDOFF_VARIABLE, None)
+        finally:  # reached only without the exec (a failed check, or called from Python): nothing is left behind
+            remove_handoff(handoff)
+            os.environ.pop(HANDOFF_VARIABLE, None)
     from .distributed import shutdown, wait_at_gate
 
     wait_at_gate(lambda: _warm_up(config))

@@ -16,7 +16,14 @@ import sys
 import time
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-HANDOFF_VARIABLE = "PEFT_DS_PREPARED"  # train.HANDOFF_VARIABLE (this file imports nothing of peft_ds)
+HANDOFF_VARIABLE = "PEFT_DS_PREPARED"  # `peft-ds train --nproc`: the directory of its checked inputs
+HANDOFF_PREFIX = "peft-ds-prepared-"  # its name's start (train.save_prepared writes it)
+
+
+def remove_handoff(path: str | None) -> None:
+    """Remove the hand-over directory `path` (only one of ours: the name starts with HANDOFF_PREFIX)."""
+    if path and os.path.basename(path).startswith(HANDOFF_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def failure(rank: int, code: int) -> int:
@@ -82,9 +89,7 @@ def supervise(pids: list[int], preempted_code: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        handed = os.environ.get(HANDOFF_VARIABLE)  # the checked inputs the ranks were handed (train.save_prepared)
-        if handed and os.path.basename(handed).startswith("peft-ds-prepared-"):
-            shutil.rmtree(handed, ignore_errors=True)
+        remove_handoff(os.environ.get(HANDOFF_VARIABLE))  # if the ranks ended before rank 0 removed it
     if preempted_code in codes:
         return preempted_code
     return next((failure(rank, c) for rank, c in enumerate(codes) if c != 0), 0)

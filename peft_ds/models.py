@@ -154,24 +154,22 @@ def init_preset_weights(model, seed: int = PRESET_SEED) -> None:
             if fill is not None:
                 flat[:hi - lo].fill_(fill)
             else:
-                flat[:hi - lo].copy_(_seeded_normal(seed, name, shape, std, lo, hi))
+                _draw_seeded_normal(flat, seed, name, shape, std, lo, hi)
 
 
-def _seeded_normal(seed: int, name: str, shape: tuple, std: float, lo: int, hi: int) -> torch.Tensor:
-    """Elements [lo, hi) of the flattened seeded init of parameter `name`: blocks of whole rows of at most
-    INIT_BLOCK elements, block b drawn by the generator seeded with (seed, name, b); only the blocks that
-    overlap [lo, hi) are drawn."""
+def _draw_seeded_normal(flat: torch.Tensor, seed: int, name: str, shape: tuple, std: float, lo: int, hi: int):
+    """Write elements [lo, hi) of the flattened seeded init of parameter `name` into flat[:hi - lo]: blocks of
+    whole rows of at most INIT_BLOCK elements, block b drawn by the generator seeded with (seed, name, b); only
+    the blocks that overlap [lo, hi) are drawn, one at a time (the temporary memory is one block)."""
     row = max(1, math.prod(shape[1:]))
     block = max(1, INIT_BLOCK // row) * row
     total = math.prod(shape)
-    out = torch.empty(hi - lo)
     for b in range(lo // block, (hi - 1) // block + 1):
         start = b * block
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{b}".encode()))
         chunk = torch.empty(min(block, total - start)).normal_(0.0, std, generator=g)
         a, z = max(lo, start), min(hi, start + chunk.numel())
-        out[a - lo:z - lo] = chunk[a - start:z - start]
-    return out
+        flat[a - lo:z - lo].copy_(chunk[a - start:z - start])
 
 
 @contextlib.contextmanager

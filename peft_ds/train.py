@@ -19,6 +19,7 @@ from .adapter_io import provenance, save_adapter
 from .config import SCHEDULES, RunConfig, check_world_size, write_config
 from .errors import PeftDsError
 from .injection import adapter_parameters, apply_peft, format_report, trainable_report
+from .local_launcher import HANDOFF_VARIABLE, remove_handoff
 from .methods import SIBO_PARAMETER
 from .objective import Feed, Objective
 
@@ -149,7 +150,6 @@ def prepare(config: RunConfig, world_size: int):
                 val_set=val_set, levels=levels, total=total, steps_per_epoch=steps_per_epoch, resume=resume)
 
 
-HANDOFF_VARIABLE = "PEFT_DS_PREPARED"  # `peft-ds train --nproc`: the directory of its checked inputs (save_prepared)
 _HANDED_SETS = ("train_set", "val_set", "lower_set", "upper_set")
 
 
@@ -157,7 +157,7 @@ def save_prepared(run: dict, path: str) -> None:
     """What `prepare` returned, written by `peft-ds train --nproc` after its checks so that its ranks neither
     check nor tokenize again, nor import `datasets` (pandas, pyarrow): one JSON file, each tokenized data set as
     its list of examples (the ranks only take len() and [i] of a set). The tokenizer is loaded again (cheap).
-    local_launcher removes the directory when the ranks are done."""
+    Rank 0 removes the directory once every rank has read it (`train`)."""
     sets = dict(zip(_HANDED_SETS, (run["train_set"], run["val_set"], *(run["levels"] or (None, None)))))
     scalars = {k: v for k, v in run.items() if k not in ("tokenizer", "train_set", "val_set", "levels")}
     handed = {**scalars, "sets": {name: dataset.to_list() for name, dataset in sets.items() if dataset is not None}}
@@ -354,10 +354,8 @@ def train(config: RunConfig) -> dict:
     run = load_prepared(handed, config) if handed else prepare(config, distributed.world_size_from_env())
     rank, world = distributed.init()
     distributed.barrier()  # every rank has checked the output directory before rank 0 writes into it
-    if handed and rank == 0 and os.path.basename(handed).startswith("peft-ds-prepared-"):
-        import shutil  # every rank has read the handed inputs: gone now, even if the run is killed later
-
-        shutil.rmtree(handed, ignore_errors=True)
+    if rank == 0:  # every rank has read the handed inputs: gone now, even if the run is killed later
+        remove_handoff(handed)
     t, out = config.train, config.output_dir
     ckpt_root, metrics_path = os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl")
     is_main = rank == 0
