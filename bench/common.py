@@ -13,6 +13,7 @@ preset's own head.
 import copy
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,6 +88,17 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear_pointwise")
 
 # ---- lockstep: variants that each need their own processes (a DeepSpeed engine per variant), timed
 # one step at a time in turn, so load on a shared machine hits every variant alike ------------------
+
+
+def paired_ratio(numerator: list, denominator: list) -> tuple[float, float, float]:
+    """(median, low, high) of the per-round ratios numerator[k] / denominator[k] of steps timed side by side
+    in the same round; low..high is the distribution-free 95% interval of that median (order statistics
+    n/2 -+ 1.96 sqrt(n)/2), so a goal is shown met only when high is within it."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    n = len(ratios)
+    half = 0.98 * n ** 0.5
+    low, high = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
+    return statistics.median(ratios), ratios[low], ratios[high]
 
 
 def turns(steps: int):

@@ -3,9 +3,10 @@
 All variants are built on one seeded backbone (tiny-llama enlarged so that a step takes well over
 100 ms, or at --hidden 4096 / 5120 the real LLaMA-7B / 13B layer shapes, see bench/common.py), whose
 frozen weights they share (one copy in memory), with the same rank, targets and batch; their steps
-(forward, backward, AdamW step) are timed round-robin, one step of each variant per round, so drift
-hits all alike. Prints medians and the ratios LoRA-SIBO/LoRA, Adapter-SIBO/Adapter (goals <= 1.03,
-<= 1.01 at a real width) and peft-ds LoRA / PEFT LoRA.
+(forward, backward, AdamW step) are timed round-robin, one step of each variant per round, in reverse
+order every other round (so no variant always follows the same one), so drift hits all alike. Prints medians and the ratios LoRA-SIBO/LoRA, Adapter-SIBO/Adapter (goals <= 1.03,
+<= 1.01 at a real width) and peft-ds LoRA / PEFT LoRA, each as the median of the per-round ratios of
+steps run one after the other, with its 95% interval (a goal is met when the interval's top is within it).
 
     python bench/overhead.py [--steps 30] [--hidden 384] [--layers 4] [--vocab 1024] [--batch 4] [--seq 128]
 """
@@ -17,11 +18,15 @@ import statistics
 import time
 
 import torch
-from common import REAL_WIDTHS, add_model_arguments, describe, enlarged_llama_config, print_profile, shared_copy
+from common import (REAL_WIDTHS, add_model_arguments, describe, enlarged_llama_config, paired_ratio, print_profile,
+                    shared_copy)
 
 import peft_ds
 from peft_ds.architectures import ARCHITECTURES
 from peft_ds.models import build_from_config
+
+
+VARIANTS = ("LoRA", "LoRA-SIBO", "Adapter", "Adapter-SIBO", "PEFT LoRA")
 
 
 def make_variants(args):
@@ -35,8 +40,10 @@ def make_variants(args):
         "Adapter": peft_ds.PeftSpec(**adapter),
         "Adapter-SIBO": peft_ds.PeftSpec(**adapter, sibo_lambda=0.1),
     }
-    variants = {name: peft_ds.apply_peft(shared_copy(backbone), spec) for name, spec in specs.items()}
-
+    variants = {name: peft_ds.apply_peft(shared_copy(backbone), spec) for name, spec in specs.items()
+                if name in args.variants}
+    if "PEFT LoRA" not in args.variants:
+        return config, variants
     from peft import LoraConfig, get_peft_model
 
     targets = list(ARCHITECTURES["llama"].lora_targets)
@@ -56,6 +63,8 @@ def main():
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--bottleneck", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to time (ratios are printed for the pairs present)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: one step of each variant under torch.profiler (self CPU time per operator)")
     args = parser.parse_args()
@@ -79,8 +88,9 @@ def main():
     if args.profile:
         return print_profile(steps, watch=("aten::lerp",))  # SIBO's blend
     times = {name: [] for name in variants}
+    order = list(steps.items())
     for round_ in range(args.steps + 3):
-        for name, step in steps.items():
+        for name, step in order if round_ % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             step()
             if round_ >= 3:
@@ -92,11 +102,17 @@ def main():
     for name, m in med.items():
         print(f"  {name:<13} median step {m * 1000:8.1f} ms")
     sibo_goal = 1.01 if args.hidden in REAL_WIDTHS else 1.03  # issue 15.4 at real width
-    ratios = [("LoRA-SIBO / LoRA", med["LoRA-SIBO"] / med["LoRA"], sibo_goal),
-              ("Adapter-SIBO / Adapter", med["Adapter-SIBO"] / med["Adapter"], sibo_goal),
-              ("peft-ds LoRA / PEFT LoRA", med["LoRA"] / med["PEFT LoRA"], 1.00)]
-    for label, ratio, goal in ratios:
-        print(f"  {label:<26} {ratio:6.3f}   (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})")
+    pairs = [("LoRA-SIBO / LoRA", "LoRA-SIBO", "LoRA", sibo_goal),
+             ("Adapter-SIBO / Adapter", "Adapter-SIBO", "Adapter", sibo_goal),
+             ("peft-ds LoRA / PEFT LoRA", "LoRA", "PEFT LoRA", 1.00)]
+    print("  ratio                      of medians   per round: median [95% interval]")
+    for label, a, b, goal in pairs:
+        if a not in times or b not in times:
+            continue
+        ratio, low, high = paired_ratio(times[a], times[b])
+        verdict = "met" if high <= goal else "NOT shown" if ratio <= goal else "NOT met"
+        print(f"  {label:<26} {med[a] / med[b]:6.3f}       {ratio:6.3f} [{low:.3f}, {high:.3f}]"
+              f"   (goal <= {goal:.2f}: {verdict})")
 
 
 if __name__ == "__main__":
