@@ -15,10 +15,12 @@ demo: install
 	$(PY) -m peft_ds train configs/demo_tiny_llama_lora_sibo.yaml --nproc 2
 	$(PY) -m peft_ds smoothness --model tiny-llama --adapter $(DEMO_OUT)/adapter --out $(DEMO_OUT)/smoothness --force
 
-# Slurm and shellcheck for the launch tests (apt, only what is missing), then the whole suite.
+# Slurm and shellcheck for the launch tests (apt, only what is missing), then the whole suite: two test
+# files at a time (pytest-xdist; each file, with its module fixtures, on one worker), since most tests
+# wait on processes part of the time.
 test: install
 	bash scripts/install_system.sh
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # The suite without the slow multi-process tests (a few minutes): what to run while editing.
 test-fast: install

@@ -29,6 +29,6 @@ setup(
         "matplotlib",
         "tensorboard>=2.14,<3",  # train.report_to's default exporter: event files beside metrics.jsonl
     ],
-    extras_require={"test": ["pytest", "peft", "mpi4py", "mpich"], "mpi": ["mpi4py"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "peft", "mpi4py", "mpich"], "mpi": ["mpi4py"]},
     entry_points={"console_scripts": ["peft-ds=peft_ds.cli:console"]},
 )

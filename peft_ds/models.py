@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -139,37 +140,49 @@ def init_preset_weights(model, seed: int = PRESET_SEED) -> None:
     no rank gathers or draws the backbone. Persisted parameters (whole on every rank) are drawn whole."""
     std = model.config.initializer_range
     drawn_biases = model.config.model_type in DRAWN_BIASES
-    for name, param in model.named_parameters():
-        shape = tuple(getattr(param, "ds_shape", param.shape))
-        is_bias = name.endswith("bias")
-        fill = 0.0 if is_bias and not drawn_biases else 1.0 if len(shape) == 1 and not is_bias else None
-        partitioned = hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False)
-        with contextlib.nullcontext() if partitioned else _gathered(param):
-            target = param.ds_tensor if partitioned else param.data
-            flat = target.view(-1)
-            lo = flat.numel() * torch.distributed.get_rank(param.ds_process_group) if partitioned else 0
-            hi = min(lo + flat.numel(), math.prod(shape))
-            if hi <= lo:
-                continue
-            if fill is not None:
-                flat[:hi - lo].fill_(fill)
-            else:
-                _draw_seeded_normal(flat, seed, name, shape, std, lo, hi)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for name, param in model.named_parameters():
+            _init_parameter(pool, name, param, seed, std, drawn_biases)
 
 
-def _draw_seeded_normal(flat: torch.Tensor, seed: int, name: str, shape: tuple, std: float, lo: int, hi: int):
+def _init_parameter(pool, name, param, seed, std, drawn_biases):
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    is_bias = name.endswith("bias")
+    fill = 0.0 if is_bias and not drawn_biases else 1.0 if len(shape) == 1 and not is_bias else None
+    partitioned = hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False)
+    with contextlib.nullcontext() if partitioned else _gathered(param):
+        target = param.ds_tensor if partitioned else param.data
+        flat = target.view(-1)
+        lo = flat.numel() * torch.distributed.get_rank(param.ds_process_group) if partitioned else 0
+        hi = min(lo + flat.numel(), math.prod(shape))
+        if hi <= lo:
+            return
+        if fill is not None:
+            flat[:hi - lo].fill_(fill)
+        else:
+            _draw_seeded_normal(flat, seed, name, shape, std, lo, hi, pool.map)
+
+
+def _draw_seeded_normal(flat: torch.Tensor, seed: int, name: str, shape: tuple, std: float, lo: int, hi: int,
+                        map_=map):
     """Write elements [lo, hi) of the flattened seeded init of parameter `name` into flat[:hi - lo]: blocks of
     whole rows of at most INIT_BLOCK elements, block b drawn by the generator seeded with (seed, name, b); only
-    the blocks that overlap [lo, hi) are drawn, one at a time (the temporary memory is one block)."""
+    the blocks that overlap [lo, hi) are drawn. Blocks are independent, so `map_` may draw them on several
+    threads (a thread pool's map; torch's normal_ draws on one core): the same values, the temporary memory
+    one block per thread."""
     row = max(1, math.prod(shape[1:]))
     block = max(1, INIT_BLOCK // row) * row
     total = math.prod(shape)
-    for b in range(lo // block, (hi - 1) // block + 1):
+
+    def draw(b):
         start = b * block
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{b}".encode()))
         chunk = torch.empty(min(block, total - start)).normal_(0.0, std, generator=g)
         a, z = max(lo, start), min(hi, start + chunk.numel())
         flat[a - lo:z - lo].copy_(chunk[a - start:z - start])
+
+    for _ in map_(draw, range(lo // block, (hi - 1) // block + 1)):
+        pass
 
 
 @contextlib.contextmanager

@@ -58,6 +58,33 @@ def test_cut_preset_keeps_the_weights_of_its_layers():
             assert torch.equal(param, cut[name]), name
 
 
+def test_init_values_do_not_depend_on_the_number_of_threads(monkeypatch):
+    """The preset init draws its blocks on a pool of torch.get_num_threads() threads: the same weights on 1 and
+    on 4 threads, and block b of a parameter is the draw of the generator seeded with (seed, name, b)."""
+    import zlib
+
+    import peft_ds.models as models
+
+    monkeypatch.setattr(models, "INIT_BLOCK", 1000)  # several blocks in every matrix
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_preset("tiny-llama", num_layers=1)
+        torch.set_num_threads(4)
+        four = dict(build_preset("tiny-llama", num_layers=1).named_parameters())
+    finally:
+        torch.set_num_threads(threads)
+    for name, param in one.named_parameters():
+        assert torch.equal(param, four[name]), name
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weight = four[name].detach().view(-1)
+    block = 1000 // four[name].shape[1] * four[name].shape[1]
+    assert weight.numel() > 2 * block
+    g = torch.Generator().manual_seed(models.PRESET_SEED * 1_000_003 + zlib.crc32(f"{name}:1".encode()))
+    drawn = torch.empty(block).normal_(0.0, one.config.initializer_range, generator=g)
+    assert torch.equal(weight[block:2 * block], drawn)
+
+
 def test_num_layers_is_refused_for_a_directory_and_below_one(tmp_path):
     write_preset("tiny-llama", str(tmp_path / "m"), num_layers=1)
     with pytest.raises(PeftDsError, match="always taken whole"):
