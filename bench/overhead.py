@@ -4,11 +4,13 @@ All variants are built on one seeded backbone (tiny-llama enlarged so that a ste
 100 ms, or at --hidden 4096 / 5120 the real LLaMA-7B / 13B layer shapes, see bench/common.py), whose
 frozen weights they share (one copy in memory), with the same rank, targets and batch; their steps
 (forward, backward, AdamW step) are timed round-robin, one step of each variant per round, in reverse
-order every other round (so no variant always follows the same one), so drift hits all alike. Prints medians and the ratios LoRA-SIBO/LoRA, Adapter-SIBO/Adapter (goals <= 1.03,
-<= 1.01 at a real width) and peft-ds LoRA / PEFT LoRA, each as the median of the per-round ratios of
-steps run one after the other, with its 95% interval (a goal is met when the interval's top is within it).
+order every other round (so no variant always follows the same one), so drift hits all alike. Prints
+medians and the ratios LoRA-SIBO/LoRA, Adapter-SIBO/Adapter (goals <= 1.03, <= 1.01 at a real width)
+and peft-ds LoRA / PEFT LoRA: the ratio of the medians, and the median of the per-round ratios of steps
+run one after the other with its 95% interval (a goal is shown met when the interval's top is within it).
 
     python bench/overhead.py [--steps 30] [--hidden 384] [--layers 4] [--vocab 1024] [--batch 4] [--seq 128]
+                             [--variants LoRA LoRA-SIBO ...]
 """
 
 from __future__ import annotations
