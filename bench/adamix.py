@@ -32,6 +32,7 @@ from common import (add_model_arguments, describe, enlarged_llama_config, lockst
 
 
 VARIANTS = ("lora", "adamix", "adamix-two-pass", "lora-doubled")
+PLAIN_LORA = ("lora", "lora-doubled")
 
 
 def model_config(args):
@@ -41,7 +42,7 @@ def model_config(args):
 def spec(variant):
     import peft_ds
 
-    if variant in ("lora", "lora-doubled"):
+    if variant in PLAIN_LORA:
         return peft_ds.PeftSpec(method="lora", r=8, alpha=16)
     return peft_ds.PeftSpec(method="adamix_lora", r=8, alpha=16, num_experts=4, consistency_weight=1.0)
 
@@ -78,7 +79,7 @@ def worker(args):
         t0 = time.perf_counter()
         if router is not None:
             router.draw()
-        if args.variant in ("lora", "lora-doubled"):
+        if args.variant in PLAIN_LORA:
             loss = engine(**batch).loss
         else:
             loss = consistency_loss(engine, batch, 1.0, one_pass=args.variant == "adamix")

@@ -164,7 +164,7 @@ def _init_parameter(pool, name, param, seed, std, drawn_biases):
 
 
 def _draw_seeded_normal(flat: torch.Tensor, seed: int, name: str, shape: tuple, std: float, lo: int, hi: int,
-                        map_=map):
+                        map_):
     """Write elements [lo, hi) of the flattened seeded init of parameter `name` into flat[:hi - lo]: blocks of
     whole rows of at most INIT_BLOCK elements, block b drawn by the generator seeded with (seed, name, b); only
     the blocks that overlap [lo, hi) are drawn. Blocks are independent, so `map_` may draw them on several

@@ -16,6 +16,7 @@ from test_train_inputs import refused
 from test_train_schedule import trainer_learning_rates
 
 from peft_ds.checkpoint import META
+from peft_ds.local_launcher import HANDOFF_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def test_kill_and_resume_matches_uninterrupted(reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # parent and both ranks, mid-run
     proc.wait()
     # the inputs handed to the ranks (train.save_prepared) went once they had read them
-    assert not [p for p in scratch.iterdir() if p.name.startswith("peft-ds-prepared-")]
+    assert not [p for p in scratch.iterdir() if p.name.startswith(HANDOFF_PREFIX)]
     with open(tmp_path / "killed" / "checkpoints" / "latest") as f:
         tag = f.read()
     assert tag in {f"step{s}" for s in (4, 6)}
