@@ -10,8 +10,8 @@ the active level alone (as two optimisers would). E's gradient is reduced across
 The upper step's gradient (`hypergradient`):
 - first_order: g = dL2/dE on the D2 batch;
 - darts (Betty's, SPEC 2.5): v = dL2/dV from the same backward, eps = 0.01 / ||v||, then the last D1
-  batch again at V + eps v and V - eps v with the same dropout masks, their E-gradients accumulated
-  with weights -xi/(2 eps) and +xi/(2 eps) into E's gradient: g + xi (g- - g+) / (2 eps). V is
+  batch again at V + eps v and V - eps v with the same dropout masks, each pass's E-gradient
+  accumulated on its own, and E's gradient set to g + xi (g- - g+) / (2 eps). V is
   perturbed through GatheredParameters (ZeRO-3 re-partitions the edited values) and restored exactly.
   xi (`darts_xi`) is DARTS's virtual step: 1 (default) is Betty's darts, which has no xi; the lower lr
   is DARTS's second-order approximation (`bilora.darts_hypergradient`);
@@ -26,7 +26,6 @@ added to the gradient partitions before the step."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -112,6 +111,27 @@ def _add_grad(p, value: torch.Tensor | None) -> None:
         p.grad.add_(value.to(p.grad.dtype))
 
 
+def _local_grad(p) -> torch.Tensor:
+    """A copy of this rank's gradient: its ZeRO-3 partition (fp32), or the whole gradient without ZeRO."""
+    from deepspeed.utils import safe_get_local_grad
+
+    if _zero3(p):
+        return safe_get_local_grad(p).clone()
+    return torch.zeros(p.shape) if p.grad is None else p.grad.detach().float().clone()
+
+
+def _set_local_grad(p, value: torch.Tensor) -> None:
+    """Set this rank's gradient (shaped as `_local_grad` returns it)."""
+    from deepspeed.utils import safe_set_local_grad
+
+    if _zero3(p):
+        safe_set_local_grad(p, value)
+    elif p.grad is None:
+        p.grad = value.to(p.dtype).view_as(p).clone()
+    else:
+        p.grad.copy_(value.view_as(p.grad))
+
+
 def _gathered_copies(params) -> list[torch.Tensor]:
     """Detached fp32 copies of the full parameter values, requiring grad (collective under ZeRO-3)."""
     with _gathered(params):
@@ -163,13 +183,13 @@ class BilevelObjective(Objective):
         engine.set_gradient_accumulation_boundary(True)
         engine.step()
 
-    def _forward_backward(self, engine, feed_step, weight: float = 1.0, after_backward=None) -> float:
-        """The micro-batches' losses, backward with `weight` (gradients accumulate); their sum."""
+    def _forward_backward(self, engine, feed_step, after_backward=None) -> float:
+        """The micro-batches' losses, backward (gradients accumulate); their sum."""
         total, last = 0.0, len(feed_step.batches) - 1
         for k, (batch, seed) in enumerate(zip(feed_step.batches, feed_step.seeds)):
             torch.manual_seed(seed)
             loss = engine(**batch).loss
-            self._backward(engine, loss * weight if weight != 1.0 else loss, k == last)
+            self._backward(engine, loss, k == last)
             if after_backward is not None:
                 after_backward(k)
             total += loss.item()
@@ -205,16 +225,24 @@ class BilevelObjective(Objective):
         return upper_sum
 
     def _darts_term(self, engine, last_d1) -> None:
-        """E.grad += xi (g- - g+) / (2 eps), g+- = dL1/dE at V +- eps v on the last D1 batch."""
+        """E.grad = g + xi (g- - g+) / (2 eps), g+- = dL1/dE at V +- eps v on the last D1 batch. Each
+        perturbed pass's E-gradient is accumulated on its own (from zero, as any gradient), so 1 rank and
+        several sum the same terms, and the two are combined on this rank's partition."""
         v = [_full_grad(p) for p in self.lower]
-        eps = DARTS_ALPHA / (math.sqrt(sum(float((d ** 2).sum()) for d in v)) + 1e-15)
-        coef = self.spec.darts_xi / (2 * eps)
+        eps = bilora.darts_eps(v, DARTS_ALPHA)
+        g = [_local_grad(p) for p in self.upper]
         with _gathered(self.lower):
             saved = [p.detach().clone() for p in self.lower]
+        perturbed = []
         for sign in (1.0, -1.0):
+            for p in self.upper:
+                _add_grad(p, None)
             self._set_lower([s + sign * eps * d.to(s.dtype).view_as(s) for s, d in zip(saved, v)])
-            self._forward_backward(engine, last_d1, weight=-sign * coef)
+            self._forward_backward(engine, last_d1)
+            perturbed.append([_local_grad(p) for p in self.upper])
         self._set_lower(saved)
+        for p, gi, gp, gm in zip(self.upper, g, *perturbed):
+            _set_local_grad(p, bilora.darts_combine(gi, gp, gm, eps, self.spec.darts_xi))
 
     def _exact_gradient(self, engine, d2_step, lower_batches, start) -> float:
         """E.grad = d L2(V_T(E), E) / dE through this global step's T1 SGD steps of the lower objective

@@ -1,8 +1,17 @@
 import os
 import sys
 
-import pytest
-import torch
+# Every process of the suite runs torch on one thread, and the ranks and commands it starts inherit it.
+# `make test` runs two test files at once on 2 cores, and a process whose OpenMP team is larger than
+# the cores left to it waits at every parallel region for a descheduled thread: 1-rank runs with 2
+# threads beside one busy loop took 20x their quiet time, on 1 thread 1.1x. The same thread count on
+# every rank also makes the 2-rank = 1-rank comparisons compare the same kernels.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -13,6 +13,7 @@ SGD steps of the lower objective C + gamma1 R1, `lower_objective`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +163,17 @@ def fold_state(state: dict, form: str) -> dict:
 # ---- hypergradients of the upper loss with respect to E (SPEC 2.5) ------------------------------
 
 
-def _flat_norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors))
+def darts_eps(v, alpha: float = 0.01) -> float:
+    """eps = alpha / ||v||. The squares are summed in float64 (each fp32 square is exact there), so eps
+    does not depend on the order of the sum (threads, ranks): the finite difference divides by 2 eps and
+    would amplify a difference in eps's last bit into E's gradient."""
+    return alpha / (math.sqrt(sum(float(t.detach().double().square().sum()) for t in v)) + 1e-15)
+
+
+def darts_combine(g, g_plus, g_minus, eps: float, xi: float):
+    """E's darts gradient g + xi (g- - g+) / (2 eps): the difference of the two perturbed gradients is taken
+    first, at their own magnitude (not accumulated into g as two terms scaled by 1 / (2 eps) that cancel)."""
+    return g + xi * (g_minus - g_plus) / (2 * eps)
 
 
 def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bool = False, xi: float = 1.0,
@@ -179,7 +189,7 @@ def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bo
     if first_order:
         return g
     v = [torch.zeros_like(p) if d is None else d for p, d in zip(lower, grads[len(upper):])]
-    eps = alpha / (_flat_norm(v) + 1e-15)
+    eps = darts_eps(v, alpha)
     saved = [p.detach().clone() for p in lower]
     terms = []
     for sign in (1.0, -1.0):
@@ -191,7 +201,7 @@ def darts_hypergradient(upper_loss, lower_loss_fn, lower, upper, first_order: bo
         for p, s in zip(lower, saved):
             p.copy_(s)
     g_plus, g_minus = ([torch.zeros_like(p) if d is None else d for p, d in zip(upper, t)] for t in terms)
-    return [gi + xi * (gm - gp) / (2 * eps) for gi, gp, gm in zip(g, g_plus, g_minus)]
+    return [darts_combine(gi, gp, gm, eps, xi) for gi, gp, gm in zip(g, g_plus, g_minus)]
 
 
 def exact_hypergradient(model, lower, upper, lower_loss_fns, upper_loss_fn, lr: float, *, gamma1: float, start=None):
