@@ -94,9 +94,9 @@ def worker(args):
 
 def launches(args, variant, nproc):
     """(command, environment) of each rank of one variant's run."""
-    from peft_ds.distributed import _free_port
+    from peft_ds.distributed import free_port
 
-    port, out = str(_free_port()), []
+    port, out = str(free_port()), []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu",

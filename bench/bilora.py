@@ -104,10 +104,10 @@ def profile(train_step) -> None:
 
 def launch(args, variant):
     """(command, environment) of the variant's one rank."""
-    from peft_ds.distributed import _free_port
+    from peft_ds.distributed import free_port
 
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu"}
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), *model_arguments(args),
            "--batch", str(args.batch), "--seq", str(args.seq)]
     return cmd, env

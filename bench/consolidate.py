@@ -103,12 +103,12 @@ def main():
     if not (args.reuse and os.path.isfile(params_file)):
         shutil.rmtree(args.workdir, ignore_errors=True)
         os.makedirs(args.workdir)
-        from peft_ds.distributed import _free_port
+        from peft_ds.distributed import free_port
 
         print("writing the checkpoints (2 ZeRO-3 ranks, one step, frozen fragments saved) ...", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                            "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker", "--workdir",
+                            "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker", "--workdir",
                             args.workdir], cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(r.stdout[-2000:] + r.stderr[-4000:])

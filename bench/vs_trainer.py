@@ -286,11 +286,11 @@ def run_arm(name: str, shape: dict, args, index: int) -> dict:
     os.makedirs(out)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE")}
     if method is None:
-        from peft_ds.distributed import _free_port
+        from peft_ds.distributed import free_port
 
         env["DS_ACCELERATOR"] = "cpu"
         cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), os.path.join(ROOT, "bench", "peer_trainer.py"),
+               "--master_port", str(free_port()), os.path.join(ROOT, "bench", "peer_trainer.py"),
                "--model", shape["model_dir"], "--batches", shape["batches"], "--deepspeed", shape["ds"],
                "--out", out, "--steps", str(args.steps)]
         log_path = os.path.join(out, "steps.jsonl")

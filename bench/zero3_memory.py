@@ -96,9 +96,9 @@ def worker(args):
 
 
 def launch(args, mode, nproc, extra=()):
-    from peft_ds.distributed import _free_port
+    from peft_ds.distributed import free_port
 
-    port, procs = str(_free_port()), []
+    port, procs = str(free_port()), []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

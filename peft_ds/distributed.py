@@ -35,8 +35,34 @@ def cpu_accelerator_without_cuda(env=os.environ) -> None:
         env["DS_ACCELERATOR"] = "cpu"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+PORT_FLOOR = 15000  # rendezvous ports are drawn from here up to the kernel's ephemeral range
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections and bind(0) (ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A TCP port free now for a rendezvous store to listen on, drawn below the ephemeral range. A port
+    that bind(0) hands out lies in that range, where every outgoing connection also takes its port (the
+    gloo pairs between ranks open many), so another job on the machine can take it before the store
+    listens (EADDRINUSE); below the range only another listener can."""
+    import random
+
+    top = _ephemeral_floor()
+    for port in random.SystemRandom().sample(range(PORT_FLOOR, top), min(64, max(0, top - PORT_FLOOR))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -94,7 +120,7 @@ def _from_mpi(env, size_variable) -> dict:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     # rank 0's host and a port free there, the same in every rank
     addr, port = comm.bcast((env.get("MASTER_ADDR") or socket.gethostname(),
-                             env.get("MASTER_PORT") or str(_free_port())) if comm.Get_rank() == 0 else None, root=0)
+                             env.get("MASTER_PORT") or str(free_port())) if comm.Get_rank() == 0 else None, root=0)
     variables = {"RANK": str(comm.Get_rank()), "LOCAL_RANK": str(local.Get_rank()),
                  "WORLD_SIZE": str(comm.Get_size()), "MASTER_ADDR": addr, "MASTER_PORT": port}
     local.Free()
@@ -119,7 +145,7 @@ def discover(environ=None) -> tuple[dict, str]:
     elif _count(env, "SLURM_STEP_NUM_TASKS") > 1:
         result = _from_slurm(env), "slurm"
     else:
-        port = env.get("MASTER_PORT") or str(_free_port())
+        port = env.get("MASTER_PORT") or str(free_port())
         result = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                   "MASTER_PORT": port}, "single process"
     if environ is None:
@@ -303,7 +329,7 @@ def run_local(nproc: int, argv: list[str], preempted_code: int, check=lambda: No
     gate = os.pipe() if _replace_on_launch else None
     if gate is None:
         check()
-    port = str(_free_port())
+    port = str(free_port())
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     procs = []
     for rank in range(nproc):

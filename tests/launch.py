@@ -1,7 +1,6 @@
 """Helpers for the multi-process tests: run configs written to disk, launches of real ranks."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,9 +13,9 @@ MATH = os.path.join(ROOT, "peft_ds", "assets", "math_sample.json")
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from peft_ds.distributed import free_port
+
+    return free_port()
 
 
 def write_config(path, output_dir, model="tiny-llama", method=None, deepspeed="zero3_cpu.json", num_layers=None,

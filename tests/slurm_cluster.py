@@ -21,13 +21,13 @@ def available() -> bool:
 
 
 def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+    """Distinct free ports below the ephemeral range (peft_ds.distributed.free_port)."""
+    from peft_ds.distributed import free_port
+
+    ports = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
 
 
 class SlurmCluster:

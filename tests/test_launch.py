@@ -151,7 +151,7 @@ def launch_outside_slurm(mode, tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"PATH": f"{BIN}:{env['PATH']}", "PYTHON": sys.executable, "LAUNCH_MODE": mode, "GPUS_PER_NODE": "1",
                 "NNODES": "2", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                "MASTER_PORT": str(distributed._free_port()), **extra})
+                "MASTER_PORT": str(distributed.free_port()), **extra})
     args = ["configs/llama13b_lora_sibo.yaml", "--set", "model.name_or_path=tiny-llama", "--set",
             f"data.train_file={MATH}", "--set", f"output_dir={tmp_path / 'run'}", "--set",
             "deepspeed=ds_configs/zero3_cpu.json", *TINY.split()]
