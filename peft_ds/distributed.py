@@ -179,10 +179,16 @@ def die_with_launcher(poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="peft-ds-launcher-watch", daemon=True).start()
 
 
+def backend() -> str:
+    """The torch.distributed backend: PEFT_DS_DIST_BACKEND if set (any backend string torch takes, such as
+    `cpu:gloo,cuda:nccl`), else nccl with CUDA and gloo without."""
+    return os.environ.get("PEFT_DS_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def init() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed through DeepSpeed once per process, with the
-    ranks `discover` finds. PEFT_DS_DIST_TIMEOUT (minutes, default 30) bounds every collective, so a
-    lost rank ends the job instead of hanging it."""
+    ranks `discover` finds, and the group for host values (`host_group`). PEFT_DS_DIST_TIMEOUT (minutes,
+    default 30) bounds every collective, so a lost rank ends the job instead of hanging it."""
     import datetime
 
     import deepspeed
@@ -192,23 +198,20 @@ def init() -> tuple[int, int]:
         if source != "single process":
             die_with_launcher()
         os.environ.update(variables)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(variables["LOCAL_RANK"]))
         timeout = datetime.timedelta(minutes=float(os.environ.get("PEFT_DS_DIST_TIMEOUT", "30")))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-        global _had_process_group
+        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, timeout=timeout)
+        global _had_process_group, _host
         _had_process_group = True
+        _host = None if takes_cpu_tensors() else torch.distributed.new_group(backend="gloo", timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def describe() -> str:
     """'world size N over K nodes (names) via SOURCE, backend B, master ADDR:PORT': collective."""
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    names = [node]
-    if torch.distributed.get_world_size() > 1:
-        names = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(names, node)
+    names = all_gather_object(node)
     nodes = list(dict.fromkeys(names))
     _, source = discover()
     return (f"world size {len(names)} over {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(nodes)}) "
@@ -216,23 +219,57 @@ def describe() -> str:
             f"{os.environ['MASTER_PORT']}")
 
 
+# ---- the collectives peft-ds issues itself ------------------------------------------------------
+# DeepSpeed issues its own (gathers, reductions of the adapters' gradients) on the accelerator. peft-ds's
+# own exchange host values only (loss sums, route digests, evaluation rows, barriers around files), and
+# every one of them is issued here, in a gloo group on CPU tensors: the default group when its backend
+# takes CPU tensors (gloo), else a gloo group over the same ranks made at `init` (NCCL takes CUDA tensors
+# only: "No backend type associated with device type cpu").
+_host = None  # the gloo group for host values, when the default group's backend does not take CPU tensors
+
+
+def takes_cpu_tensors(group=None) -> bool:
+    """Whether the backend of `group` (default: the default group) serves the CPU device type, as gloo's
+    does ("cpu:gloo,cuda:gloo") and NCCL's does not ("cuda:nccl")."""
+    config = str(torch.distributed.get_backend_config(group))
+    return any(part.split(":")[0].strip() == "cpu" for part in config.split(","))
+
+
+def host_group():
+    """The group peft-ds's own collectives run in (None: the default group)."""
+    return _host
+
+
+def _several() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
+    if _several():
+        torch.distributed.all_reduce(t, group=_host)
     return t.tolist()
 
 
 def same_on_all_ranks(value: int) -> bool:
     t = torch.tensor([value, -value], dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if _several():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host)
     return t[0].item() == -t[1].item()
+
+
+def all_gather_object(value) -> list:
+    """Every rank's `value` (picklable), in rank order."""
+    if not _several():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value, group=_host)
+    return out
 
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=_host)
 
 
 def shutdown() -> None:
@@ -241,10 +278,12 @@ def shutdown() -> None:
     Collective; never on an error path, where a peer may be gone. The gloo threads outlive this call:
     ZeRO-3 keeps the engine, and through it the groups, for the life of the process; `exit_process`
     ends the process without tearing down the C++ runtime under them."""
+    global _host
     if not torch.distributed.is_initialized():
         return
-    torch.distributed.barrier()
+    barrier()
     torch.distributed.destroy_process_group()
+    _host = None
 
 
 def exit_process(code: int) -> None:

@@ -278,9 +278,7 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
                 row[f"correct_{mode}"] = is_correct(name, prediction, label)
             results.append(row)
         if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, results)
-            results = sorted((r for part in gathered for r in part), key=lambda r: r["id"])
+            results = sorted((r for part in distributed.all_gather_object(results) for r in part), key=lambda r: r["id"])
         rows += results
         summary[name] = {mode: sum(r[f"correct_{mode}"] for r in results) / len(results) for mode in MODES}
         summary[name]["examples"] = len(results)
