@@ -27,7 +27,17 @@ def load(path: str) -> dict:
     if type(stage) is not int or stage not in ZERO_STAGES:
         raise PeftDsError(f"DeepSpeed config {path}: zero_optimization.stage must be one of "
                           f"{', '.join(map(str, ZERO_STAGES))}, got {stage!r}")
+    if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer") is True:
+        raise PeftDsError(f"DeepSpeed config {path}: zero_force_ds_cpu_optimizer true asks for DeepSpeed's CPU "
+                          f"Adam, but peft-ds builds its own AdamW over the adapters: set it false (or leave it "
+                          f"out) with offload_optimizer")
     return config
+
+
+def offloads_optimizer(config: dict) -> bool:
+    """Whether ZeRO keeps the optimizer state (and its step) on the host or NVMe."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
 def zero_stage(config: dict) -> int:
@@ -79,6 +89,10 @@ def resolve(config: dict, *, hidden_size: int, micro_batch_size: int, accumulati
         if zero.get(key) == "auto":
             zero[key] = value
     ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is torch's AdamW over adapters
+    if offloads_optimizer(ds):
+        # torch's AdamW steps the offloaded fp32 adapter partitions on the host: the adapters' state is MBs,
+        # where DeepSpeed's CPU Adam (which DeepSpeed demands by default) would need a JIT-built op per node
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
     left = _find_auto(ds)
     if left:
         raise PeftDsError(f"DeepSpeed config key {left} is \"auto\" and peft-ds cannot resolve it; set a value")

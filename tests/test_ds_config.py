@@ -50,3 +50,19 @@ def test_unresolvable_auto_and_bad_files(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(PeftDsError, match="not valid JSON"):
         ds_config.load(str(tmp_path / "bad.json"))
+
+
+def test_offloaded_optimizer_state_is_stepped_by_torchs_adamw(tmp_path):
+    """With offload_optimizer, DeepSpeed refuses a client optimizer unless zero_force_ds_cpu_optimizer is
+    false: resolve sets it (a user's own offload config too); an explicit true is refused before any work."""
+    raw = ds_config.load(os.path.join(ROOT, "ds_configs", "zero3_offload.json"))
+    del raw["zero_force_ds_cpu_optimizer"]  # as in a user's own copy
+    ds = ds_config.resolve(raw, hidden_size=64, micro_batch_size=1, accumulation=1, world_size=2, dtype="bf16")
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    plain = ds_config.resolve(ds_config.load(os.path.join(ROOT, "ds_configs", "zero3_bf16.json")), hidden_size=64,
+                              micro_batch_size=1, accumulation=1, world_size=2, dtype="bf16")
+    assert "zero_force_ds_cpu_optimizer" not in plain
+    path = tmp_path / "forced.json"
+    path.write_text(json.dumps({**raw, "zero_force_ds_cpu_optimizer": True}))
+    with pytest.raises(PeftDsError, match="zero_force_ds_cpu_optimizer true asks for DeepSpeed's CPU Adam"):
+        ds_config.load(str(path))

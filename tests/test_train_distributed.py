@@ -3,13 +3,15 @@ method on both architectures, activation checkpointing, ZeRO-2 / no-ZeRO debuggi
 optimizer state and adapter-sized checkpoints, bf16; finished runs exit 0 under CPU load."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from launch import adapter, assert_same_adapter, losses, peft_ds, torchrun, write_config
+import yaml
+from launch import ROOT, adapter, assert_same_adapter, losses, peft_ds, torchrun, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +123,46 @@ def test_optimizer_state_is_adapter_only_and_checkpoints_adapter_sized(runs):
     total_bytes = sum(os.path.getsize(p) for p in files)
     backbone_bytes = 4 * 1_700_000  # tiny-llama's frozen fp32 weights are several MB
     assert total_bytes < 4 * 4 * adapter_numel + 200_000 < backbone_bytes
+
+
+SHIPPED_DS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+
+
+@pytest.fixture(scope="module")
+def shipped_runs(tmp_path_factory):
+    """Every shipped DeepSpeed config, as a user's run config names it (model.dtype auto: the bf16 configs
+    train in bf16), 2 steps on 2 ranks, all in one launch."""
+    root = tmp_path_factory.mktemp("shipped")
+    configs = []
+    for name in SHIPPED_DS:
+        cfg = write_config(root / f"{name}.yaml", root / name, method=METHODS["lora-sibo"], deepspeed=name,
+                           max_steps=2, global_batch_size=4, cutoff_len=32)
+        data = yaml.safe_load(open(cfg))
+        data["model"]["dtype"] = "auto"
+        yaml.safe_dump(data, open(cfg, "w"))
+        configs.append(cfg)
+    torchrun(2, configs)
+    return root
+
+
+@pytest.mark.parametrize("name", SHIPPED_DS)
+def test_every_shipped_deepspeed_config_trains_on_two_ranks(shipped_runs, name):
+    """Each file of ds_configs/ starts a real 2-rank `peft-ds train` and steps twice. What needs CUDA is
+    resolved and initialised as far as the CPU allows: zero3_offload's pin_memory is a no-op on DeepSpeed's
+    CPU accelerator (nothing is page-locked), its offloaded optimizer state lives on the host as it would
+    beside a GPU, and its step runs torch's AdamW there (zero_force_ds_cpu_optimizer false)."""
+    shipped = json.load(open(os.path.join(ROOT, "ds_configs", name)))
+    out = shipped_runs / name
+    resolved = json.load(open(out / "ds_config.json"))
+    assert resolved["zero_optimization"].get("stage", 0) == shipped["zero_optimization"].get("stage", 0)
+    assert resolved["bf16"]["enabled"] == shipped["bf16"]["enabled"]
+    offload = shipped["zero_optimization"].get("offload_optimizer")
+    assert resolved["zero_optimization"].get("offload_optimizer") == offload
+    if offload:
+        assert resolved["zero_force_ds_cpu_optimizer"] is False
+    curve = losses(out)
+    assert curve.keys() == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
+    assert (out / "checkpoints" / "step2").is_dir() and (out / "adapter" / "adapter.safetensors").is_file()
 
 
 def test_bf16_on_cpu_trains(tmp_path):
