@@ -67,7 +67,7 @@ def write_checkpoints(workdir):
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
         config = RunConfig(model=ModelConfig(name_or_path=f"bench-llama-{name}"), method=spec)
-        meta = checkpoint.run_meta(model, config, world, 3)
+        meta = checkpoint.run_meta(model, config, world, 3, "fp32")
         checkpoint.save(engine, os.path.join(workdir, name, "checkpoints"), 1, meta, save_frozen=True)
         if rank == 0:
             numel = sum(p.ds_numel for p in model.parameters())

@@ -9,6 +9,9 @@
 #   LAUNCH_MODE     srun (one task per GPU; default) | torchrun (one torchrun per node) |
 #                   deepspeed (the deepspeed launcher with a hostfile) | mpi (mpirun, mpi4py discovery)
 #   GPUS_PER_NODE   ranks per node (8)
+#   GPU_BIND        srun --gpu-bind for the ranks' tasks (none: each rank sees its node's GPUs and takes
+#                   the one of its local rank; single:1 or map_gpu:0,1,...: one GPU per task, which the
+#                   rank takes whatever its local rank)
 #   NNODES          nodes (SLURM_JOB_NUM_NODES, else 1)
 #   PYTHON          the Python that has peft-ds (python3)
 #   MASTER_PORT     rendezvous port (derived from SLURM_JOB_ID, else 29500)
@@ -33,6 +36,7 @@ die() { echo "launch.sh: error: $*" >&2; exit 2; }
 [ $# -ge 1 ] || die "usage: launcher/launch.sh RUN_CONFIG [--set section.key=value ...]"
 LAUNCH_MODE=${LAUNCH_MODE:-srun}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+GPU_BIND=${GPU_BIND:-none}
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}}
 PYTHON=${PYTHON:-python3}
 if [ -n "${SLURM_JOB_ID:-}" ]; then DS_LAUNCHER=${DS_LAUNCHER:-slurm}; else DS_LAUNCHER=${DS_LAUNCHER:-pdsh}; fi
@@ -80,14 +84,14 @@ case "$LAUNCH_MODE" in
   srun)
     # One task per GPU; each reads its own SLURM_PROCID / SLURM_LOCALID. A task that dies ends the step.
     exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$world" --ntasks-per-node="$GPUS_PER_NODE" \
-      "$PYTHON" -m peft_ds train "$@" ;;
+      --gpu-bind="$GPU_BIND" "$PYTHON" -m peft_ds train "$@" ;;
   torchrun)
     # One torchrun per node, fixed node ranks (the c10d rendezvous form is less reliable at exit).
     # torchrun dies on SIGUSR1 unless told to handle it: it then sends it on to its ranks and waits
     # up to the shutdown timeout for them to save and exit.
     # SLURM_NODEID is read by each task (single quotes), not by this shell.
     # shellcheck disable=SC2016
-    exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
+    exec srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --gpu-bind=none \
       bash -c 'exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" --node_rank "$SLURM_NODEID" \
                --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
                --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$3" \
@@ -104,7 +108,8 @@ case "$LAUNCH_MODE" in
       # srun starts every rank as a task (peft-ds finds them from SLURM_PROCID), so the preemption
       # signal reaches them as in srun mode; --force_multi: srun on one node too, no ssh anywhere.
       deepspeed_args=(--force_multi --no_ssh_check --launcher_args
-                      "--kill-on-bad-exit=1 --nodes=$NNODES --ntasks-per-node=$GPUS_PER_NODE" "${deepspeed_args[@]}")
+                      "--kill-on-bad-exit=1 --nodes=$NNODES --ntasks-per-node=$GPUS_PER_NODE --gpu-bind=$GPU_BIND"
+                      "${deepspeed_args[@]}")
     fi
     # A script path, not --module: the launcher's mpich/openmpi runners mangle --module.
     exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" \

@@ -59,12 +59,14 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def provenance(tool: str, tag_dir: str, world_size: int, step: int | None, trained_method: str,
-               transforms=()) -> dict:
+               transforms=(), model_dtype: str | None = None) -> dict:
     """Where an adapter came from, in the one layout of adapter_config.json whether `peft-ds train` or
     `peft-ds consolidate` wrote it: the checkpoint (tag directory) its tensors are, the ranks that wrote
-    it, its step, the method it was trained with, and what was done to it since (merged, folded)."""
+    it, its step, the method it was trained with, the backbone's dtype in that run (`peft-ds evaluate`
+    generates in it on a GPU), and what was done to it since (merged, folded)."""
     return {"source": {"tool": tool, "checkpoint": os.path.abspath(tag_dir), "tag": os.path.basename(tag_dir),
-                       "world_size": world_size, "step": step, "trained_method": trained_method},
+                       "world_size": world_size, "step": step, "trained_method": trained_method,
+                       "model_dtype": model_dtype},
             "transforms": list(transforms)}
 
 

@@ -68,6 +68,11 @@ def _zero3(p) -> bool:
     return hasattr(p, "ds_id")
 
 
+def _device(p) -> torch.device:
+    """Where the values of `p` live: its ZeRO-3 partition's device (the accelerator), or its own."""
+    return p.ds_tensor.device if _zero3(p) else p.device
+
+
 def _gathered(params, modify: bool = False):
     """Full parameters inside the block; with modify, edits made there are re-partitioned on exit."""
     import deepspeed
@@ -80,7 +85,9 @@ def _full_grad(p) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_grad
 
     g = safe_get_full_grad(p)
-    return torch.zeros(p.ds_shape if _zero3(p) else p.shape) if g is None else g.detach().float().clone()
+    if g is None:
+        return torch.zeros(p.ds_shape if _zero3(p) else p.shape, device=_device(p))
+    return g.detach().float().clone()
 
 
 def _local_partition(p, full: torch.Tensor) -> torch.Tensor:
@@ -117,7 +124,7 @@ def _local_grad(p) -> torch.Tensor:
 
     if _zero3(p):
         return safe_get_local_grad(p).clone()
-    return torch.zeros(p.shape) if p.grad is None else p.grad.detach().float().clone()
+    return torch.zeros(p.shape, device=p.device) if p.grad is None else p.grad.detach().float().clone()
 
 
 def _set_local_grad(p, value: torch.Tensor) -> None:

@@ -68,12 +68,13 @@ def find_checkpoint(root: str, tag: str | None = None) -> tuple[str, dict]:
     return tag, meta
 
 
-def run_meta(model, config, world_size: int, zero_stage: int) -> dict:
+def run_meta(model, config, world_size: int, zero_stage: int, model_dtype: str) -> dict:
     """What every checkpoint of a run records beside DeepSpeed's files: enough to consolidate it alone
-    (the resolved PeftSpec, the base model and its signature) and to refuse a mismatched resume."""
+    (the resolved PeftSpec, the base model and its signature, the dtype it trained in) and to refuse a
+    mismatched resume."""
     from .adapter_io import base_description
 
-    return {"world_size": world_size, "zero_stage": zero_stage, "method": model.peft_spec.method,
+    return {"world_size": world_size, "zero_stage": zero_stage, "model_dtype": model_dtype, "method": model.peft_spec.method,
             "peft_spec": model.peft_spec.to_dict(), "base_model": config.model.name_or_path,
             "base": base_description(model), "config": config.to_dict()}
 

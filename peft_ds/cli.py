@@ -184,7 +184,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate(args.base, datasets, args.data_dir, adapter=args.adapter, batch_size=args.batch_size,
                       num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, extractor=args.extractor,
                       out=args.out, limit=args.limit, deepspeed_config=args.deepspeed, force=args.force,
-                      progress=not args.quiet, num_layers=args.num_layers)
+                      progress=not args.quiet, num_layers=args.num_layers, dtype=args.dtype)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.base}{' + ' + args.adapter if args.adapter else ''}: accuracy (%), extractor "
               f"{args.extractor} (the other beside it), {report['world_size']} rank(s)")
@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the headline column; the other is reported beside it (default faithful)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each set (default: all)")
     p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG", help="ZeRO-3 config: partition the model "
-                   "(default: none, the whole model in each rank)")
+                   "(default: none, the whole model in each rank, on its GPU when CUDA is present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the model's dtype (default auto: fp32 on the CPU; on a GPU the dtype the adapter was trained "
+                   "in, else bf16 where supported, else fp16; with --deepspeed the config's precision)")
     p.add_argument("--out", default=None, help="summary JSON (per-example rows go to the same name + l: .jsonl; "
                    "default: print only)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

@@ -411,7 +411,7 @@ def consolidate(path: str, out: str, tag: str | None = None, fmt: str = "native"
     state, spec, notes = _transform(state, ckpt.spec, plan)
     base_model = ckpt.meta.get("base_model") or ckpt.meta.get("config", {}).get("model", {}).get("name_or_path")
     origin = adapter_io.provenance("peft-ds consolidate", ckpt.tag_dir, ckpt.world_size, ckpt.meta.get("step"),
-                                   ckpt.spec.method, notes)
+                                   ckpt.spec.method, notes, model_dtype=ckpt.meta.get("model_dtype"))
     with outputs.replace_dir(out) as staging:
         if merge_into_base:
             merge_bar = tqdm(total=sum(1 for k in state if k.endswith(".lora_A")), desc="merge", unit="weight",

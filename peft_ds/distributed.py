@@ -179,6 +179,30 @@ def die_with_launcher(poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="peft-ds-launcher-watch", daemon=True).start()
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device (an index among the visible ones) of the rank with `local_rank` on its node.
+    Every GPU of the node visible (torchrun, the deepspeed launcher, srun --gpu-bind=none): the local
+    rank's. One visible (srun binding a GPU per task, CUDA_VISIBLE_DEVICES set per rank): that one, whatever
+    the local rank (SLURM_LOCALID=3 there must not ask for device 3)."""
+    if visible < 1:
+        raise PeftDsError("CUDA is available but no GPU is visible to this process "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise PeftDsError(f"local rank {local_rank} sees only {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): give each rank all of its node's GPUs or "
+                      f"exactly one (srun --gpu-bind=none, or --gpus-per-task=1)")
+
+
+def local_device() -> torch.device:
+    """This process's device: its GPU (`cuda_device_index` of LOCAL_RANK) when CUDA is present, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_device_index(int(os.environ.get("LOCAL_RANK") or 0), torch.cuda.device_count()))
+
+
 def backend() -> str:
     """The torch.distributed backend: PEFT_DS_DIST_BACKEND if set (any backend string torch takes, such as
     `cpu:gloo,cuda:nccl`), else nccl with CUDA and gloo without."""
@@ -198,8 +222,11 @@ def init() -> tuple[int, int]:
         if source != "single process":
             die_with_launcher()
         os.environ.update(variables)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(variables["LOCAL_RANK"]))
+        device = local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # DeepSpeed places the engine and zero.Init's partitions on cuda:LOCAL_RANK: the same device
+            os.environ["LOCAL_RANK"] = str(device.index)
         timeout = datetime.timedelta(minutes=float(os.environ.get("PEFT_DS_DIST_TIMEOUT", "30")))
         deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, timeout=timeout)
         global _had_process_group, _host

@@ -206,10 +206,26 @@ def _check_out(out: str, base: str, adapter: str | None, test_files: list[str], 
     outputs.check_writable(out)
 
 
+def evaluation_dtype(requested: str, device, adapter: str | None) -> str:
+    """The dtype the model generates in without ZeRO: `requested` unless auto; auto on the CPU is fp32 (bf16
+    there is 150x slower), on a GPU the dtype the adapter was trained in (adapter_config.json's
+    source.model_dtype), else bf16 where the GPU has it and fp16 where not."""
+    from .adapter_io import read_adapter_config
+
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    trained = read_adapter_config(adapter).get("source", {}).get("model_dtype") if adapter else None
+    if trained:
+        return trained
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None = None, batch_size: int = 1,
              num_beams: int = 4, max_new_tokens: int | None = None, extractor: str = "faithful",
              out: str | None = None, limit: int | None = None, deepspeed_config: str | None = None,
-             force: bool = False, progress: bool = True, num_layers: int | None = None) -> dict:
+             force: bool = False, progress: bool = True, num_layers: int | None = None, dtype: str = "auto") -> dict:
     """Every dataset in turn; rank 0 writes `<out>` (summary JSON) and `<out>.jsonl` (per example)."""
     from tqdm.auto import tqdm
 
@@ -222,6 +238,8 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
                    deepspeed_config)
     if out and not force and any(os.path.exists(p) for p in (out, rows_path(out))):
         raise PeftDsError(f"{out} exists (use --force to overwrite)")
+    if dtype != "auto" and dtype not in ds_config.DTYPES:
+        raise PeftDsError(f"unknown --dtype {dtype!r}; choose one of auto, {', '.join(ds_config.DTYPES)}")
     if extractor not in MODES:
         raise PeftDsError(f"unknown --extractor {extractor!r}; choose one of {', '.join(MODES)}")
     for name, value in (("batch size", batch_size), ("num beams", num_beams), ("max new tokens", max_new_tokens or 1)):
@@ -240,12 +258,17 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     rank = 0
     if world > 1 or raw_ds is not None:
         rank, world = distributed.init()
-    dtype_name = ds_config.model_dtype(raw_ds, "auto") if raw_ds else "fp32"
+    device = distributed.local_device()
+    if raw_ds is not None:
+        dtype_name = ds_config.model_dtype(raw_ds, dtype)
+    else:
+        dtype_name = evaluation_dtype(dtype, device, adapter)
     resolved = None
     if raw_ds is not None:
         resolved = ds_config.resolve(raw_ds, hidden_size=models.hidden_size_of(base), micro_batch_size=batch_size,
                                      accumulation=1, world_size=world, dtype=dtype_name)
-    model = models.build_model(base, dtype=ds_config.DTYPES[dtype_name], ds_config=resolved, num_layers=num_layers)
+    model = models.build_model(base, dtype=ds_config.DTYPES[dtype_name], ds_config=resolved, num_layers=num_layers,
+                               device=None if resolved is not None else device)
     tokenizer = models.load_tokenizer_for(base)
     if adapter:
         load_adapter(model, adapter)
@@ -288,7 +311,7 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     report = {"base": base, "num_layers": num_layers, "adapter": adapter and os.path.abspath(adapter),
               "data_dir": os.path.abspath(data_dir), "datasets": datasets, "limit": limit,
               "max_new_tokens": max_new_tokens, "extractor": extractor, "batch_size": batch_size,
-              "num_beams": num_beams, "dtype": dtype_name, "deepspeed": deepspeed_config, "world_size": world,
+              "num_beams": num_beams, "dtype": dtype_name, "device": str(device), "deepspeed": deepspeed_config, "world_size": world,
               "accuracy": summary}
     if rank == 0 and out:
         # each file replaced whole by a rename; the summary last, naming its rows by their sha256

@@ -416,11 +416,13 @@ def zero3_build_memory():
         keep_freed_memory_for_reuse()
 
 
-def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None, num_layers: int | None = None):
+def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = None, num_layers: int | None = None,
+                device=None):
     """The backbone for training. With a ZeRO-3 `ds_config` the HfDeepSpeedConfig exists before the
     model is built or loaded, so each rank materialises only its partition; it is kept alive on the
     model (`model.hf_deepspeed_config`) as transformers requires, and the build runs under
-    `zero3_build_memory`."""
+    `zero3_build_memory`. Without ZeRO, `device` (a GPU) receives the whole model: a model directory's
+    weights are loaded onto it shard by shard, a preset is built on the CPU and moved."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -429,12 +431,16 @@ def build_model(name_or_dir: str, dtype=torch.float32, ds_config: dict | None = 
         memory = zero3_build_memory()
         keep = HfDeepSpeedConfig(ds_config)
     with memory:
+        placed = {} if keep is not None or device is None or torch.device(device).type == "cpu" else {
+            "device_map": {"": str(device)}}
         if name_or_dir in PRESETS:
             model = build_from_config(preset_config(name_or_dir, num_layers), dtype=dtype)
+            if placed:
+                model = model.to(device)
         else:
             check_model_source(name_or_dir, num_layers)
             model = AutoModelForCausalLM.from_pretrained(
-                local_model_dir(name_or_dir), dtype=dtype, local_files_only=True, trust_remote_code=False
+                local_model_dir(name_or_dir), dtype=dtype, local_files_only=True, trust_remote_code=False, **placed
             )
     model.hf_deepspeed_config = keep
     return model

@@ -393,7 +393,7 @@ def train(config: RunConfig) -> dict:
         write_config(config, os.path.join(out, "config.yaml"))
         with open(os.path.join(out, "ds_config.json"), "w") as f:
             json.dump(run["ds"], f, indent=2)
-    meta = checkpoint.run_meta(model, config, world, ds_config.zero_stage(run["ds"]))
+    meta = checkpoint.run_meta(model, config, world, ds_config.zero_stage(run["ds"]), run["dtype"])
 
     # ---- signals: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary ---------------
     stop = {"asked": False}
@@ -468,7 +468,7 @@ def train(config: RunConfig) -> dict:
     if is_main:
         save_adapter(engine.module, summary["adapter"], base_model=config.model.name_or_path, state=state,
                      extra=provenance("peft-ds train", summary["checkpoint"], world, run["total"],
-                                      config.method.method))
+                                      config.method.method, model_dtype=run["dtype"]))
         plot_losses(metrics_path, summary["loss_plot"])
         print(f"checkpoint: {summary['checkpoint']}\nadapter:    {summary['adapter']}\n"
               f"loss plot:  {summary['loss_plot']}\nmetrics:    {metrics_path}", flush=True)

@@ -86,6 +86,7 @@ def test_a_finished_run_prints_its_losses_and_next_commands_that_run_as_printed(
     assert trained["source"].keys() == consolidated["source"].keys() and "transforms" in trained
     assert (trained["source"]["tool"], consolidated["source"]["tool"]) == ("peft-ds train", "peft-ds consolidate")
     assert trained["source"]["checkpoint"] == consolidated["source"]["checkpoint"] == str(out / "checkpoints/step3")
+    assert trained["source"]["model_dtype"] == consolidated["source"]["model_dtype"] == "fp32"  # the run's dtype
     summary = json.loads((out / "eval_gsm8k.json").read_text())
     assert {k: summary[k] for k in ("base", "adapter", "data_dir", "limit", "num_beams", "batch_size", "extractor")} == {
         "base": "tiny-llama", "adapter": str(out / "adapter"), "data_dir": os.path.join(ROOT, "peft_ds", "assets", "eval"),

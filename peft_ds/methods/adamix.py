@@ -22,6 +22,7 @@ from torch import nn
 
 from ..objective import Objective
 from .adapter import AdapterLinear
+from .init import drawn, normal
 from .lora import LoraLinear, add_rounded_once
 from .sibo import InitialResidual
 
@@ -150,7 +151,7 @@ class AdamixAdapterLinear(AdapterLinear):
         super().__init__(base_layer, bottleneck_size, non_linearity, dropout, scale, output_side, initial_residual)
 
         def redraw(t):
-            return torch.empty_like(t).normal_(0.0, 0.02)
+            return drawn(t.shape, t.device, normal(0.02)).data
 
         down, up = self.adapter_down.data, self.adapter_up.data
         del self.adapter_down, self.adapter_up

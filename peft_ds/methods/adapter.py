@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import device_of, drawn, normal
 from .sibo import InitialResidual, branch_input
 
 # LLM-Adapters takes f from transformers' ACT2FN; these are the same functions (gelu: the exact erf
@@ -27,9 +28,9 @@ class AdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.output_side = output_side
         d = base_layer.out_features if output_side else base_layer.in_features
-        device = base_layer.weight.device
-        self.adapter_down = nn.Parameter(torch.empty(bottleneck_size, d, device=device).normal_(0.0, 0.02))
-        self.adapter_up = nn.Parameter(torch.empty(d, bottleneck_size, device=device).normal_(0.0, 0.02))
+        device = device_of(base_layer)
+        self.adapter_down = drawn((bottleneck_size, d), device, normal(0.02))
+        self.adapter_up = drawn((d, bottleneck_size), device, normal(0.02))
         self.non_linearity = non_linearity
         self.activation = ACTIVATIONS[non_linearity]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import device_of, drawn, normal
 from .lora import LoraLinear, add_rounded_once
 from .sibo import InitialResidual, branch_input
 
@@ -42,10 +43,10 @@ class BiLoraLinear(nn.Module):
                  initial_residual: InitialResidual | None = None):
         super().__init__()
         self.base_layer = base_layer
-        device = base_layer.weight.device
-        self.bilora_P = nn.Parameter(torch.empty(base_layer.out_features, r, device=device).normal_(0.0, 0.02))
-        self.bilora_E = nn.Parameter(torch.zeros(r, device=device))
-        self.bilora_Q = nn.Parameter(torch.empty(r, base_layer.in_features, device=device).normal_(0.0, 0.02))
+        device = device_of(base_layer)
+        self.bilora_P = drawn((base_layer.out_features, r), device, normal(0.02))
+        self.bilora_E = drawn((r,), device)
+        self.bilora_Q = drawn((r, base_layer.in_features), device, normal(0.02))
         self.form = form
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

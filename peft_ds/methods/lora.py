@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import device_of, drawn
 from .sibo import InitialResidual, branch_input
 
 
@@ -33,10 +34,9 @@ class LoraLinear(nn.Module):
                  initial_residual: InitialResidual | None = None):
         super().__init__()
         self.base_layer = base_layer
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        device = device_of(base_layer)
+        self.lora_A = drawn((r, base_layer.in_features), device, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+        self.lora_B = drawn((base_layer.out_features, r), device)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._initial_residual = initial_residual
