@@ -257,19 +257,18 @@ def _transform(state: dict, spec: PeftSpec, plan: Plan) -> tuple[dict, PeftSpec,
     return state, spec, notes
 
 
-def _base_shards(base_dir: str) -> list[str]:
-    index = os.path.join(base_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        return sorted(set(read_json(index, "weights index")["weight_map"].values()))
-    return ["model.safetensors"]
+def _merged_name(shard: str) -> str:
+    """The safetensors file a base weight shard is merged into: its own name, or a .bin shard's as
+    transformers names safetensors shards (pytorch_model-00001-of-00003.bin -> model-00001-of-00003.safetensors)."""
+    if shard.endswith(".safetensors"):
+        return shard
+    return shard.removeprefix("pytorch_").removesuffix(".bin") + ".safetensors"
 
 
 def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
     """The merge is defined (a LoRA delta, no SIBO) and every target weight is in the base, of the
-    adapter's shape; read from the safetensors headers only."""
-    from safetensors import safe_open
-
-    from .models import check_model_dir
+    adapter's shape; read from the weight files' headers only (safetensors or .bin)."""
+    from .models import check_model_dir, weight_shapes
 
     if spec.method != "lora":
         raise PeftDsError(f"--merge-into-base needs a LoRA-family adapter; {spec.method} is not a linear delta of the "
@@ -282,13 +281,7 @@ def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
     if expected and adapter_io.signature(config) != adapter_io.signature(expected):
         raise PeftDsError(f"--merge-into-base {base_dir} is {adapter_io.signature(config)}, the adapter was trained "
                           f"on {adapter_io.signature(expected)}")
-    headers = {}
-    for shard in _base_shards(base_dir):
-        path = os.path.join(base_dir, shard)
-        if not os.path.isfile(path):
-            raise PeftDsError(f"--merge-into-base {base_dir}: weight shard {shard} is missing")
-        with safe_open(path, "pt") as f:
-            headers.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    headers = weight_shapes(base_dir)
     for name, shape in ckpt.shapes.items():
         stem, kind, _ = _split(name)
         if kind == SIBO_PARAMETER:
@@ -303,19 +296,23 @@ def _check_merge(ckpt: ZeroCheckpoint, spec: PeftSpec, base_dir: str) -> None:
 
 
 # What a merged model takes from the base beside its merged safetensors shards: configuration,
-# tokenizer (tokenizer.*) and generation files. Anything else, above all weights in another format
-# (pytorch_model-*.bin, *.pt, ...), would sit unmerged beside the merged weights: it is left out.
+# tokenizer (tokenizer.*) and generation files. Anything else, above all weights in another format than
+# the one merged (pytorch_model-*.bin beside safetensors, *.pt, ...), would sit unmerged beside the merged
+# weights: it is left out. A .bin-only base is merged into safetensors shards with an index of their own.
 BASE_FILES_KEPT = ("config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json")
 
 
 def base_files(base_dir: str) -> tuple[list[str], list[str]]:
-    """(files a merged model copies from the base, entries it leaves out), weight shards excluded."""
-    shards = set(_base_shards(base_dir))
+    """(files a merged model copies from the base, entries it leaves out), the merged weight files (the
+    shards and index of the format merged) excluded."""
+    from .models import weight_files
+
+    _, shards, index = weight_files(base_dir)
     kept, left_out = [], []
     for entry in sorted(os.listdir(base_dir)):
-        if entry in shards:
+        if entry in shards or entry == index:
             continue
         is_kept = os.path.isfile(os.path.join(base_dir, entry)) and (
             entry in BASE_FILES_KEPT or entry.startswith("tokenizer"))
@@ -325,33 +322,41 @@ def base_files(base_dir: str) -> tuple[list[str], list[str]]:
 
 def _merge_into_base(state: dict, spec: PeftSpec, base_dir: str, out_dir: str, progress) -> int:
     """Copy of the base model directory (its configuration, tokenizer and generation files,
-    `base_files`) with W + s B A in every adapted weight, one shard in memory at a time. Returns the
-    number of merged weights."""
-    from safetensors import safe_open
+    `base_files`) with W + s B A in every adapted weight, one shard in memory at a time, as safetensors
+    (`_merged_name`; a sharded base's index rewritten to those names). Returns the number of merged weights."""
     from safetensors.torch import save_file
 
     from .methods.lora import delta_weight
+    from .models import read_shard, weight_files
 
     pending = {name.removesuffix(".lora_A"): name for name in state if name.endswith(".lora_A")}
     scaling = spec.alpha / spec.r
     merged = 0
     for entry in base_files(base_dir)[0]:
         shutil.copyfile(os.path.join(base_dir, entry), os.path.join(out_dir, entry))
-    for shard in _base_shards(base_dir):
-        weights = {}
-        with safe_open(os.path.join(base_dir, shard), "pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for key in f.keys():
-                weight = f.get_tensor(key)
-                stem = key.removesuffix(".weight")
-                if key.endswith(".weight") and stem in pending:
-                    delta = delta_weight(state[f"{stem}.lora_A"], state[f"{stem}.lora_B"], scaling)
-                    weight = (weight.float() + delta).to(weight.dtype)
-                    merged += 1
-                    progress.update(1)
-                weights[key] = weight
-        save_file(weights, os.path.join(out_dir, shard), metadata=metadata)
+    _, shards, index = weight_files(base_dir)
+    weight_map = {}
+    for shard in shards:
+        weights, metadata = read_shard(base_dir, shard)
+        storages = set()
+        for key in list(weights):
+            if weights[key].untyped_storage().data_ptr() in storages:  # a .bin may store tied weights once
+                weights[key] = weights[key].clone()
+            storages.add(weights[key].untyped_storage().data_ptr())
+            stem = key.removesuffix(".weight")
+            if key.endswith(".weight") and stem in pending:
+                delta = delta_weight(state[f"{stem}.lora_A"], state[f"{stem}.lora_B"], scaling)
+                weights[key] = (weights[key].float() + delta).to(weights[key].dtype)
+                merged += 1
+                progress.update(1)
+            weights[key] = weights[key].contiguous()
+            weight_map[key] = _merged_name(shard)
+        save_file(weights, os.path.join(out_dir, _merged_name(shard)), metadata=metadata)
         del weights
+    if index is not None:
+        original = read_json(os.path.join(base_dir, index), "weights index")
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": original.get("metadata", {}), "weight_map": weight_map}, f, indent=2)
     return merged
 
 

@@ -267,14 +267,91 @@ def read_model_config(model_dir: str) -> dict:
     return config
 
 
+# ---- weight files: safetensors (preferred, as transformers prefers them) or PyTorch .bin -------------
+# The base models of the papers' era (LLaMA-1 conversions, GPT-J-6B, anything transformers 4.x saved with
+# safe_serialization=False) ship only pytorch_model.bin or pytorch_model-0000N-of-0000M.bin shards with an
+# index. A .bin shard is unpickled with weights_only=True (no code runs), memory-mapped, one at a time.
+WEIGHT_FORMATS = (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                  ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def weight_files(model_dir: str) -> tuple[str, list[str], str | None]:
+    """(format, shard file names, index file name or None) of a model directory's weights."""
+    names = set(os.listdir(model_dir))
+    for fmt, single, index in WEIGHT_FORMATS:
+        if index in names:
+            weight_map = read_json(os.path.join(model_dir, index), "weights index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise PeftDsError(f"{os.path.join(model_dir, index)} has no weight_map")
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if s not in names]
+            if missing:
+                raise PeftDsError(f"model directory {model_dir}: {index} names weight shard {missing[0]}, which "
+                                  f"is not there" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            return fmt, shards, index
+        if single in names:
+            return fmt, [single], None
+    raise PeftDsError(f"model directory {model_dir} has no weights (model.safetensors[.index.json] or "
+                      f"pytorch_model.bin[.index.json])")
+
+
+def read_bin_shard(path: str, map_location="cpu") -> dict:
+    """A .bin weight shard as a state dict (names to tensors), unpickled with weights_only=True and memory-
+    mapped where it is in torch's zip format; on map_location "meta" only its header is read. Anything that
+    is not a plain state dict is refused in one line."""
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # whatever a truncated or foreign file makes the unpickler raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeftDsError(f"{path} is not a plain state dict that loads with weights_only=True: {reason[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise PeftDsError(f"{path} is not a plain state dict (parameter names to tensors): it holds a "
+                          f"{type(state).__name__}" + (f" with {type(next(iter(state.values()))).__name__} values"
+                                                      if isinstance(state, dict) and state else ""))
+    return state
+
+
+def read_shard(model_dir: str, shard: str) -> tuple[dict, dict]:
+    """(tensors on the CPU, safetensors metadata) of one weight shard of either format."""
+    path = os.path.join(model_dir, shard)
+    if shard.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {"format": "pt"}
+    return read_bin_shard(path), {"format": "pt"}
+
+
+def weight_shapes(model_dir: str) -> dict[str, tuple]:
+    """Every weight's shape, from the shards' headers (safetensors) or pickles (a .bin on the meta device):
+    no weight is read."""
+    _, shards, _ = weight_files(model_dir)
+    shapes = {}
+    for shard in shards:
+        path = os.path.join(model_dir, shard)
+        if shard.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in read_bin_shard(path, "meta").items()})
+    return shapes
+
+
 def check_model_dir(model_dir: str) -> dict:
     """Everything about a model directory (or cached model id) that can be wrong, checked before any
-    weights are read."""
+    weights are read: its config, its weight files (each .bin shard a plain state dict) and tokenizer."""
     config = read_model_config(model_dir)
     model_dir = local_model_dir(model_dir)
     names = set(os.listdir(model_dir))
-    if not ({"model.safetensors", "model.safetensors.index.json"} & names):
-        raise PeftDsError(f"model directory {model_dir} has no safetensors weights (model.safetensors[.index.json])")
+    fmt, shards, _ = weight_files(model_dir)
+    if fmt == "bin":
+        for shard in shards:
+            read_bin_shard(os.path.join(model_dir, shard), "meta")
     if not (set(TOKENIZER_FILES) & names):
         raise PeftDsError(f"model directory {model_dir} has no {' or '.join(TOKENIZER_FILES)} (no tokenizer)")
     return config

@@ -60,6 +60,37 @@ def losses(output_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def bin_model_dir(src, dst, shards=2):
+    """A copy of the safetensors model directory `src` in the form of the papers' era: `shards` PyTorch
+    .bin shards (torch.save of plain state dicts) with pytorch_model.bin.index.json, or one
+    pytorch_model.bin (shards=1); no safetensors."""
+    import json
+    import shutil
+
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if not name.startswith("model.safetensors"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    state = {}
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(src, name)))
+    keys = sorted(state)
+    if shards == 1:
+        torch.save(state, os.path.join(dst, "pytorch_model.bin"))
+        return str(dst)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = keys[k::shards]
+        torch.save({key: state[key] for key in part}, os.path.join(dst, shard))
+        weight_map.update({key: shard for key in part})
+    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                   "weight_map": weight_map}, f)
+    return str(dst)
+
+
 def relative_difference(a, b):
     """Largest per-tensor ||a - b|| / ||b|| over two adapter state dicts with the same keys."""
     assert a.keys() == b.keys()
@@ -72,4 +103,4 @@ def assert_same_adapter(a, b, tol=1e-5):
 
 
 __all__ = ["ROOT", "MATH", "write_config", "torchrun", "peft_ds", "adapter", "losses", "assert_same_adapter",
-           "relative_difference", "torch"]
+           "relative_difference", "bin_model_dir", "torch"]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from launch import ROOT, adapter, peft_ds, torchrun, write_config
+from launch import ROOT, adapter, bin_model_dir, peft_ds, torchrun, write_config
 from safetensors.torch import load_file
 
 from peft_ds import load_adapter
@@ -188,6 +188,31 @@ def test_merge_into_base_loads_with_plain_transformers(runs, base_dirs, name, mo
     assert os.path.isfile(tmp_path / "merged" / "tokenizer.model")
     torch.testing.assert_close(logits(merged), logits(adapter_model(model_name, tmp_path / "native")),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_merge_into_a_bin_base_writes_safetensors(runs, base_dirs, tmp_path, shards):
+    """A base of .bin weights (one pytorch_model.bin, or shards with an index) merges into safetensors
+    shards (transformers' names, an index of their own when sharded), equal to the merge into the same
+    base as safetensors; no .bin is left in the output."""
+    from safetensors.torch import load_file
+
+    base = bin_model_dir(base_dirs["tiny-llama"], tmp_path / "bin_base", shards=shards)
+    run_ok(runs[("llama_lora", 2)], "--out", tmp_path / "from_st", "--merge-into-base", base_dirs["tiny-llama"])
+    r = run_ok(runs[("llama_lora", 2)], "--out", tmp_path / "from_bin", "--merge-into-base", base)
+    names = sorted(os.listdir(tmp_path / "from_bin"))
+    assert not any(n.endswith(".bin") or n == "pytorch_model.bin.index.json" for n in names), names
+    assert "left out" not in r.stdout
+    if shards == 1:
+        assert "model.safetensors" in names
+        files = ["model.safetensors"]
+    else:
+        index = json.loads((tmp_path / "from_bin" / "model.safetensors.index.json").read_text())["weight_map"]
+        files = sorted(set(index.values()))
+        assert files == [f"model-{k:05d}-of-00003.safetensors" for k in (1, 2, 3)] and set(files) <= set(names)
+    ours = {k: v for f in files for k, v in load_file(str(tmp_path / "from_bin" / f)).items()}
+    theirs = load_file(str(tmp_path / "from_st" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_merge_into_base_leaves_out_other_weights(runs, base_dirs, tmp_path):

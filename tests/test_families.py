@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 from conftest import randomize_adapters, random_batch, tiny
-from launch import MATH, adapter, assert_same_adapter, losses, peft_ds, torchrun, write_config
+from launch import MATH, adapter, assert_same_adapter, bin_model_dir, losses, peft_ds, torchrun, write_config
 import test_lora
 import test_sibo
 
@@ -254,6 +254,10 @@ def trained(tmp_path_factory):
                 out = runs(family, label, world)
                 configs[world].append(write_config(f"{out}.yaml", out, model=runs.source[family],
                                                    method=TRAIN_METHODS[label]))
+    # the same LLaMA-3 directory as .bin shards, as the papers' base models ship: 2 ZeRO-3 ranks
+    bin_dir = bin_model_dir(runs.llama3_dir, runs.root / "tiny-llama3-bin", shards=3)
+    out = runs("tiny-llama3-bin", "lora-sibo", 2)
+    configs[2].append(write_config(f"{out}.yaml", out, model=bin_dir, method=TRAIN_METHODS["lora-sibo"]))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_HUB_CACHE", str(runs.hub))  # the ranks resolve the Qwen2 id in the fake cache, offline
         env.setenv("HF_HUB_OFFLINE", "1")
@@ -286,6 +290,16 @@ def test_two_ranks_equal_one_rank(trained, family, label):
     # the 2-rank checkpoint consolidates to the adapter the run exported (fp32 masters, bit for bit)
     state = read_state(str(two))
     assert state.keys() == adapter(two).keys() and all(torch.equal(v, adapter(two)[k]) for k, v in state.items())
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_from_bin_shards_equal_the_safetensors_directory(trained):
+    """2 ranks loading 3 .bin shards (weights_only, one shard at a time into their ZeRO-3 partitions) train
+    exactly what they train from the same weights as safetensors: adapters and losses bit for bit."""
+    ours, theirs = trained("tiny-llama3-bin", "lora-sibo", 2), trained("tiny-llama3", "lora-sibo", 2)
+    a, b = adapter(ours), adapter(theirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(ours) == losses(theirs)
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
 """Tiny presets, local Hugging Face model directories, the adapter directory, the CLI's error lines."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import ARCHS, ROOT, randomize_adapters, random_batch
+from launch import bin_model_dir
 
 import peft_ds
 from peft_ds import PeftDsError
 from peft_ds.adapter_io import load_adapter, save_adapter
+from peft_ds import models
 from peft_ds.models import build_preset, load_model_dir, write_preset
 
 
@@ -45,7 +48,7 @@ def test_model_dir_errors(tmp_path):
     with pytest.raises(PeftDsError, match="no tokenizer.model"):
         load_model_dir(str(d))
     os.remove(d / "model.safetensors")
-    with pytest.raises(PeftDsError, match="no safetensors weights"):
+    with pytest.raises(PeftDsError, match=r"has no weights \(model.safetensors\[.index.json\] or pytorch_model.bin"):
         load_model_dir(str(d))
     (d / "config.json").write_text("{not json")
     with pytest.raises(PeftDsError, match="not valid JSON"):
@@ -254,3 +257,64 @@ def test_smoothness_out_never_replaces_its_data(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peft-ds: error: --out ") and "is the data file" in err[0], err
     assert data.read_bytes() == before and os.listdir(out) == ["smoothness.json"]
+
+
+# ---- the papers' base models: PyTorch .bin weights ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("shards", [1, 3])
+def test_bin_model_directories_load_as_their_safetensors(name, shards, tmp_path):
+    """pytorch_model.bin, or .bin shards with their index, as LLaMA-1-era conversions and GPT-J-6B ship:
+    checked, their shapes read from the pickles alone, and loaded (weights_only) to the same weights."""
+    st = write_preset(name, str(tmp_path / "st"))
+    b = bin_model_dir(st, tmp_path / "bin", shards=shards)
+    assert not any(f.endswith(".safetensors") for f in os.listdir(b))
+    assert models.check_model_dir(b)["model_type"] == models.check_model_dir(st)["model_type"]
+    assert models.weight_shapes(b) == models.weight_shapes(st)
+    ours, theirs = models.build_model(b), models.build_model(st)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_bin_shard_that_is_not_a_plain_state_dict_is_refused_in_one_line(tmp_path):
+    st = write_preset("tiny-llama", str(tmp_path / "st"))
+    b = bin_model_dir(st, tmp_path / "bin", shards=2)
+    shard = os.path.join(b, "pytorch_model-00002-of-00002.bin")
+    cases = {
+        "a pickled module": (torch.nn.Linear(2, 2), "not a plain state dict that loads with weights_only=True"),
+        "a checkpoint dict": ({"model": {"w": torch.zeros(1)}, "step": 3}, "not a plain state dict (parameter names "
+                                                                           "to tensors): it holds a dict with dict"),
+        "a list": ([torch.zeros(1)], "it holds a list"),
+    }
+    for label, (value, message) in cases.items():
+        torch.save(value, shard)
+        with pytest.raises(PeftDsError, match=re.escape(message)) as err:
+            models.check_model_dir(b)
+        assert "\n" not in str(err.value) and shard in str(err.value), label
+    with open(shard, "wb") as f:
+        f.write(b"half a download")
+    with pytest.raises(PeftDsError, match="not a plain state dict that loads with weights_only=True"):
+        models.check_model_dir(b)
+    os.remove(shard)
+    with pytest.raises(PeftDsError, match="names weight shard pytorch_model-00002-of-00002.bin, which is not there"):
+        models.check_model_dir(b)
+
+
+def test_evaluate_and_smoothness_take_a_bin_base(tmp_path):
+    import json
+
+    from peft_ds.cli import main
+    from peft_ds.evaluation import evaluate
+
+    st = write_preset("tiny-llama", str(tmp_path / "st"))
+    b = bin_model_dir(st, tmp_path / "bin", shards=2)
+    data = os.path.join(ROOT, "peft_ds", "assets", "eval")
+    ours, theirs = (evaluate(base, ["SVAMP"], data, limit=2, num_beams=1, max_new_tokens=4, progress=False)
+                    for base in (b, st))
+    assert ours["accuracy"] == theirs["accuracy"]
+    curves = []
+    for base, out in ((b, tmp_path / "smooth_bin"), (st, tmp_path / "smooth_st")):
+        assert main(["smoothness", "--model", base, "--out", str(out), "--num-examples", "4"]) == 0
+        curves.append(json.loads((out / "smoothness.json").read_text())["curves"][base])
+    assert curves[0] == curves[1]
