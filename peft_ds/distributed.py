@@ -25,6 +25,58 @@ def op_cache_per_environment(env=os.environ) -> str | None:
     return env.get("TORCH_EXTENSIONS_DIR")
 
 
+STALE_LOCK_SECONDS = 600  # a build's lock, and every file of its build directory, untouched this long
+
+
+def _open_on_this_host(path: str) -> bool:
+    """Whether a process of this host has `path` open (its /proc/<pid>/fd links), as the builder holds its lock."""
+    target = os.path.realpath(path)
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            links = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        except OSError:  # gone, or not ours to read
+            continue
+        if target in links:
+            return True
+    return False
+
+
+def clear_stale_op_locks(env=os.environ, now: float | None = None) -> list[str]:
+    """Remove the build locks that a killed DeepSpeed op build left in TORCH_EXTENSIONS_DIR; returns them.
+    torch's JIT build takes `<dir>/<op>/lock` (a file it holds open) for every load of the op, built or not,
+    and a process that finds the lock waits for it to go: after an OOM kill mid-build every later run in
+    the environment hung there. A lock is stale when no process of this host holds it open and neither it
+    nor any file of its build directory changed for STALE_LOCK_SECONDS (a builder on another node sharing
+    the directory keeps writing its object files). Called by the checks that run before any rank."""
+    import glob
+    import time
+
+    root = env.get("TORCH_EXTENSIONS_DIR")
+    if not root or not os.path.isdir(root):
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        build_dir = os.path.dirname(lock)
+        try:
+            newest = max(os.path.getmtime(os.path.join(build_dir, name)) for name in os.listdir(build_dir))
+        except (OSError, ValueError):
+            continue
+        if now - newest < STALE_LOCK_SECONDS or _open_on_this_host(lock):
+            continue
+        try:
+            os.remove(lock)
+        except FileNotFoundError:  # another rank's check took it
+            continue
+        removed.append(lock)
+        print(f"peft-ds: removed the stale lock {lock} of a DeepSpeed op build that was killed "
+              f"{(now - newest) / 60:.0f} min ago (every run would have waited on it)", file=sys.stderr, flush=True)
+    return removed
+
+
 def cpu_accelerator_without_cuda(env=os.environ) -> None:
     """Without CUDA, name DeepSpeed's CPU accelerator before DeepSpeed is imported: DeepSpeed would
     otherwise warn on every command that it "was unable to detect" a GPU, also on those that use no

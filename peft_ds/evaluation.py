@@ -257,6 +257,7 @@ def evaluate(base: str, datasets: list[str], data_dir: str, adapter: str | None 
     world = distributed.world_size_from_env()
     rank = 0
     if world > 1 or raw_ds is not None:
+        distributed.clear_stale_op_locks()
         rank, world = distributed.init()
     device = distributed.local_device()
     if raw_ds is not None:

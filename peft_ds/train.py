@@ -108,6 +108,7 @@ def _check_output_dir(output_dir: str) -> None:
 
 def prepare(config: RunConfig, world_size: int):
     """Every check that needs no process group, in order; returns what the run needs."""
+    distributed.clear_stale_op_locks()
     accumulation = check_world_size(config, world_size)
     raw_ds = ds_config.load(config.deepspeed)
     spec, t = config.method, config.train
