@@ -21,6 +21,8 @@
 #   DEEPSPEED_ARGS  deepspeed mode: extra launcher arguments, e.g. "--no_ssh_check" or "--venv_script V"
 #   MPIRUN_ARGS     mpi mode: extra mpirun arguments ("-ppn GPUS_PER_NODE", MPICH's; Open MPI: "--map-by ppr:8:node")
 #   PEFT_DS_GPU_MEMORY  GiB of one GPU for the plan's verdict (default: nvidia-smi's smallest GPU, else none)
+#   PEFT_DS_HOST_MEMORY GiB of one node's host memory for the verdict on the load's host peak (default: the
+#                   job's SLURM_MEM_PER_NODE when it is at least 1 GiB, else none)
 #   PEFT_DS_SKIP_PLAN   1: do not print the plan nor refuse a run that does not fit
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  torchrun mode: seconds torchrun waits for its ranks to save and exit
 #                   after SIGUSR1/SIGTERM (or for the others after one failed) before it kills them (240)
@@ -65,6 +67,11 @@ if [ "${PEFT_DS_SKIP_PLAN:-0}" != 1 ]; then
     [[ "$mib" =~ ^[0-9]+$ ]] && gpu_memory=$(awk -v m="$mib" 'BEGIN { printf "%.2f", m / 1024 }')
   fi
   plan=("$PYTHON" -m peft_ds plan "$@" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE")
+  host_memory=${PEFT_DS_HOST_MEMORY:-}
+  if [ -z "$host_memory" ] && [[ "${SLURM_MEM_PER_NODE:-}" =~ ^[0-9]+$ ]] && [ "$SLURM_MEM_PER_NODE" -ge 1024 ]; then
+    host_memory=$(awk -v m="$SLURM_MEM_PER_NODE" 'BEGIN { printf "%.2f", m / 1024 }')
+  fi
+  [ -z "$host_memory" ] || plan+=(--host-memory "$host_memory")
   if [ -n "$gpu_memory" ]; then
     "${plan[@]}" --gpu-memory "$gpu_memory" --require-fit || exit 2
   else

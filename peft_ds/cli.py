@@ -213,8 +213,15 @@ def cmd_plan(args) -> int:
     world, per_node = world_from(args.world_size, args.nodes, args.gpus_per_node)
     if not args.gpu_memory > 0:
         raise PeftDsError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
-    result = plan_run(config, world, per_node, args.gpu_memory, backend=args.backend)
+    if args.host_memory is not None and not args.host_memory > 0:
+        raise PeftDsError(f"--host-memory must be > 0 GiB, got {args.host_memory:g}")
+    result = plan_run(config, world, per_node, args.gpu_memory, backend=args.backend, host_memory_gib=args.host_memory)
     print(json.dumps(result, indent=2) if args.json else format_plan(result), flush=True)
+    load = result["host_at_load"]
+    if args.require_fit and load["fits"] is False:
+        raise PeftDsError(f"{args.config} does not fit the host while the backbone loads: {load['node0_total'] / 2**30:.1f} "
+                          f"GiB on the node of rank 0 > --host-memory {args.host_memory:g} GiB (launcher/launch.sh "
+                          f"skips this check with PEFT_DS_SKIP_PLAN=1)")
     if args.require_fit and not result["fits"]:
         offload = result["with_offload"]
         raise PeftDsError(f"{args.config} does not fit: {result['total'] / 2**30:.1f} GiB per rank > --gpu-memory "
@@ -327,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: --world-size ranks on one node)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node, with --nodes (default: none)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default 80)")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GiB", help="host memory of one node, for the "
+                   "verdict on the host peak while the backbone loads (default: none, no verdict)")
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="the ranks' collectives: nccl (GPUs; "
                    "default) or gloo (CPU ranks, whose all-gather stages its output again)")
     p.add_argument("--json", action="store_true", help="the same numbers by name, as JSON (bytes)")

@@ -38,6 +38,19 @@ trainable needs the gradient through it; parameters themselves are not counted):
                        gradients of that size per view (nll_loss and log_softmax backward)
   cuda_context_nccl    a stated allowance (CUDA_CONTEXT_GIB): CUDA context and kernels, NCCL buffers, the caching
                        allocator's fragmentation; not counted on the CPU
+Host memory while the backbone loads (`host_at_load`; transformers' from_pretrained under zero.Init,
+`integrations/deepspeed.py` `_load_state_dict_into_zero3_model`: rank 0 reads each shard and every module
+is gathered, filled on rank 0 and re-partitioned; the other ranks read the shards on the meta device):
+  checkpoint_pages     rank 0: every shard memory-mapped (safetensors; .bin in torch's zip format): the
+                       checkpoint's size in file pages (page cache, counted in the process's RSS and in a
+                       job's memory cgroup), mapped until the load ends
+  checkpoint_copied    rank 0: a .bin in torch's legacy format is read whole, one shard at a time: the largest
+  load_partition       where partitions live on the host (CPU ranks, or offload_param): the rank's partition
+                       and the persisted parameters
+  load_staging         CPU ranks: the gathered copy of the largest module and a second buffer of its size (the
+                       re-partition; gloo's gather stages its output again): 2 x the largest module
+  process              a stated allowance per rank (HOST_PROCESS_GIB): interpreter, torch, transformers,
+                       DeepSpeed and, with CUDA, the CUDA runtime's host memory
 """
 
 from __future__ import annotations
@@ -53,6 +66,9 @@ GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
 CUDA_CONTEXT_GIB = 2.0  # CUDA context + cuBLAS workspace ~0.6 GiB, NCCL ~0.5 GiB, allocator fragmentation
+# A rank's host memory besides what its load adds: measured 0.3 GiB RSS after imports on the CPU (gloo); with
+# CUDA the runtime's host side (pinned staging, the driver's mappings) adds about 1.5 GiB more
+HOST_PROCESS_GIB = {"gloo": 0.5, "nccl": 2.0}
 DEFAULT_GPU_MEMORY_GIB = 80.0
 OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
 MAX_MICRO_BATCH = 4096
@@ -223,6 +239,34 @@ def gathered_during_forward(trace: dict, prefetch_bucket: int, max_live: int, re
     return after
 
 
+def checkpoint_shards(name_or_dir) -> list[tuple[str, int, bool]]:
+    """(file, bytes, memory-mapped) of each weight shard a model directory's load reads; none for a preset."""
+    import os
+    import zipfile
+
+    if name_or_dir in models.PRESETS:
+        return []
+    model_dir = models.local_model_dir(name_or_dir)
+    _, shards, _ = models.weight_files(model_dir)
+    paths = [os.path.join(model_dir, s) for s in shards]
+    return [(s, os.path.getsize(p), s.endswith(".safetensors") or zipfile.is_zipfile(p)) for s, p in zip(shards, paths)]
+
+
+def host_at_load(inv, world, dtype_bytes, shards, backend: str, offload: bool) -> dict:
+    """Host bytes of rank 0 and of any other rank while the backbone loads (see the module docstring)."""
+    on_host = backend == "gloo" or offload
+    common = {
+        "load_partition": (backbone_partition(inv, world, dtype_bytes)
+                           + (persisted(inv, world, dtype_bytes) if backend == "gloo" else 0)) if on_host else 0,
+        "load_staging": 2 * inv["largest_module"] * dtype_bytes if backend == "gloo" else 0,
+        "process": int(HOST_PROCESS_GIB[backend] * GiB),
+    }
+    rank0 = {"checkpoint_pages": sum(n for _, n, mapped in shards if mapped),
+             "checkpoint_copied": max([n for _, n, mapped in shards if not mapped], default=0), **common}
+    other = {"checkpoint_pages": 0, "checkpoint_copied": 0, **common}
+    return {"rank0": rank0, "other": other}
+
+
 def allgather_staging(inv, world, dtype_bytes, backend: str) -> int:
     """gloo (CPU ranks) stages the whole output of all_gather_into_tensor in a second buffer (measured: the
     peak is twice the gathered bytes); NCCL gathers in place. DeepSpeed gathers a module's parameters at once."""
@@ -366,7 +410,7 @@ def _terms(inv, zero, world, dtype_bytes, act: ActivationModel, micro, layers, c
 
 
 def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-         deepspeed: str | None = None, backend: str = "nccl") -> dict:
+         deepspeed: str | None = None, backend: str = "nccl", host_memory_gib: float | None = None) -> dict:
     """The plan of run config `config` on `world` ranks (`ranks_per_node` per node), as a dict of numbers."""
     from .config import check_world_size
     from .injection import apply_peft
@@ -399,6 +443,16 @@ def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAUL
         return terms, sum(terms["gpu"].values()) + context
 
     terms, total = at(t.micro_batch_size)
+    shards = checkpoint_shards(config.model.name_or_path)
+    load = host_at_load(inv, world, dtype_bytes, shards, backend, offload)
+    rank0, other = sum(load["rank0"].values()), sum(load["other"].values())
+    per_node = min(ranks_per_node, world)
+    load.update({"shards": len(shards), "checkpoint_bytes": sum(n for _, n, _ in shards),
+                 "formats": sorted({"safetensors" if s.endswith(".safetensors") else "bin" for s, _, _ in shards}),
+                 "rank0_total": rank0, "other_total": other, "node0_total": rank0 + (per_node - 1) * other,
+                 "node_total": per_node * other if world > per_node else None,
+                 "host_memory": None if host_memory_gib is None else int(host_memory_gib * GiB)})
+    load["fits"] = None if host_memory_gib is None else load["node0_total"] <= host_memory_gib * GiB
     budget = gpu_memory_gib * GiB
     largest = 0
     while largest < MAX_MICRO_BATCH and at(largest + 1)[1] <= budget:
@@ -419,19 +473,20 @@ def plan(config, world: int, ranks_per_node: int, gpu_memory_gib: float = DEFAUL
         "non_cuda_total": total - context, "total": total,
         "host_bytes_per_rank": sum(terms["host"].values()), "host_terms": terms["host"],
         "host_bytes_per_node": sum(terms["host"].values()) * ranks_per_node,
+        "host_at_load": load,
         "gpu_memory": int(budget), "fits": total <= budget, "largest_micro_batch": largest,
     }
 
 
 def plan_run(config, world, ranks_per_node, gpu_memory_gib=DEFAULT_GPU_MEMORY_GIB, offload_config=None,
-             backend="nccl") -> dict:
+             backend="nccl", host_memory_gib=None) -> dict:
     """The plan with the run's DeepSpeed config and, beside it, with the offload config."""
     import os
 
-    main = plan(config, world, ranks_per_node, gpu_memory_gib, backend=backend)
+    main = plan(config, world, ranks_per_node, gpu_memory_gib, backend=backend, host_memory_gib=host_memory_gib)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     offload = offload_config or os.path.relpath(os.path.join(root, OFFLOAD_CONFIG))
-    main["with_offload"] = plan(config, world, ranks_per_node, gpu_memory_gib, offload, backend)
+    main["with_offload"] = plan(config, world, ranks_per_node, gpu_memory_gib, offload, backend, host_memory_gib)
     return main
 
 
@@ -473,6 +528,28 @@ def format_plan(p: dict) -> str:
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"  total {_gib(p['total']).strip()} per rank: {verdict} in {p['gpu_memory'] / GiB:g} GiB; "
                  f"largest micro-batch that fits: {p['largest_micro_batch']}")
+    h = p["host_at_load"]
+    source = (f"rank 0 reads the checkpoint ({h['shards']} {'/'.join(h['formats'])} shard(s), "
+              f"{h['checkpoint_bytes'] / GiB:.2f} GiB), the others receive it" if h["shards"]
+              else "a preset: drawn, no checkpoint read")
+    lines.append(f"  host while the backbone loads, per rank ({source}):")
+    load_notes = {"checkpoint_pages": "rank 0: the memory-mapped shards (page cache), mapped until the load ends",
+                  "checkpoint_copied": "rank 0: the largest .bin shard of torch's legacy format, read whole",
+                  "load_partition": "the rank's partition on the host (CPU ranks, offload_param)",
+                  "load_staging": "CPU ranks: 2 x the largest module (its gathered copy, a second buffer)",
+                  "process": "stated allowance (interpreter, libraries" +
+                             (", the CUDA runtime's host side)" if p["backend"] == "nccl" else ")")}
+    for name in h["rank0"]:
+        other = h["other"][name]
+        lines.append(f"    {name:22s}{_gib(h['rank0'][name])}" + (f" (others {other / GiB:.2f})"
+                     if other != h["rank0"][name] else " " * 15) + f"  {load_notes[name]}")
+    nodes = f"node of rank 0 {_gib(h['node0_total']).strip()} ({min(p['ranks_per_node'], p['world_size'])} ranks)"
+    if h["node_total"] is not None:
+        nodes += f", other nodes {_gib(h['node_total']).strip()}"
+    verdict = ("" if h["fits"] is None else f": {'fits' if h['fits'] else 'does NOT fit'} in --host-memory "
+               f"{h['host_memory'] / GiB:g} GiB")
+    lines.append(f"  host total: rank 0 {_gib(h['rank0_total']).strip()}, other ranks {_gib(h['other_total']).strip()}; "
+                 f"{nodes}{verdict}")
     o = p.get("with_offload")
     if o:
         verdict = "fits" if o["fits"] else "does NOT fit"
@@ -484,4 +561,5 @@ def format_plan(p: dict) -> str:
 
 
 __all__ = ["plan", "plan_run", "format_plan", "saved_tensors", "inventory", "partition_numel", "world_from", "GiB",
-           "CUDA_CONTEXT_GIB", "MODEL_STATE_TERMS", "BUFFER_TERMS", "ACTIVATION_TERMS"]
+           "CUDA_CONTEXT_GIB", "HOST_PROCESS_GIB", "MODEL_STATE_TERMS", "BUFFER_TERMS", "ACTIVATION_TERMS",
+           "host_at_load", "checkpoint_shards"]

@@ -69,7 +69,7 @@ def bin_model_dir(src, dst, shards=2):
 
     os.makedirs(dst)
     for name in os.listdir(src):
-        if not name.startswith("model.safetensors"):
+        if not (name.endswith(".safetensors") or name == "model.safetensors.index.json"):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     state = {}
     for name in os.listdir(src):

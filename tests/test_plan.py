@@ -258,3 +258,84 @@ def test_prediction_matches_measured_peak_of_real_training_steps(tmp_path):
     print(table)
     for name, (predicted, measured) in results.items():
         assert abs(predicted / measured - 1) <= TOLERANCE, table
+
+
+# ---- host memory while the backbone loads ----------------------------------------------------------------
+LOAD_RECORDS = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}] * 8
+
+
+@pytest.fixture(scope="module")
+def billion_dirs(tmp_path_factory):
+    """llama-7b-shape cut to 4 layers (1.07B parameters) in bf16, as 4 safetensors shards and as 3 .bin shards."""
+    from launch import bin_model_dir
+
+    from peft_ds import models
+
+    root = tmp_path_factory.mktemp("billion")
+    st = str(root / "safetensors")
+    model = build_preset("llama-7b-shape", num_layers=4, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) >= 1e9
+    model.save_pretrained(st, max_shard_size="700MB")
+    models.write_tokenizer("llama-7b-shape", st)
+    del model
+    return {"safetensors": st, "bin": bin_model_dir(st, root / "bin", shards=3)}
+
+
+@pytest.mark.slow
+def test_host_peak_while_the_backbone_loads_matches_the_plan(billion_dirs, tmp_path):
+    """Predicted host bytes above the process (rank 0, which reads the checkpoint, and rank 1, which
+    receives it) against the measured VmRSS peak of real loads on CPU ranks, within 15%."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(LOAD_RECORDS))
+    rows = []
+    for fmt, directory in billion_dirs.items():
+        assert len(planner.checkpoint_shards(directory)) >= 3
+        for ranks in (1, 2):
+            work = tmp_path / f"{fmt}-w{ranks}"
+            config = {"model": {"name_or_path": directory, "dtype": "bf16"},
+                      "method": {"method": "lora", "sibo_lambda": 0.1},
+                      "data": {"train_file": str(data), "val_set_size": 0, "cutoff_len": 32},
+                      "train": {"micro_batch_size": 1, "global_batch_size": ranks, "max_steps": 1},
+                      "deepspeed": os.path.join(ROOT, "ds_configs", "zero3_bf16.json"), "output_dir": str(work / "run")}
+            work.mkdir()
+            (work / "run.yaml").write_text(yaml.safe_dump(config))
+            load = planner.plan(load_config(str(work / "run.yaml")), ranks, ranks, backend="gloo")["host_at_load"]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), os.path.join(ROOT, "tests", "memory_load.py"),
+                   str(work / "run.yaml"), str(work / "memory")]
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+            for rank in range(ranks):
+                measured = json.load(open(work / f"memory.rank{rank}.json"))["above_baseline"]
+                terms = load["rank0" if rank == 0 else "other"]
+                predicted = sum(terms.values()) - terms["process"]
+                rows.append((f"{fmt}, {ranks} rank(s), rank {rank}", predicted, measured))
+    table = "\n".join(f"{name:30s} predicted {p / 2**30:6.3f} GiB  measured {m / 2**30:6.3f} GiB  {p / m - 1:+.1%}"
+                      for name, p, m in rows)
+    print(table)
+    assert all(abs(p / m - 1) <= TOLERANCE for _, p, m in rows), table
+
+
+def test_host_verdict_at_load_and_its_refusal(tmp_path):
+    """Per rank and per node: rank 0's memory-mapped checkpoint beside every rank's allowance; --host-memory
+    gives the verdict, and --require-fit refuses in one line when the node of rank 0 cannot hold it."""
+    from launch import bin_model_dir
+
+    from peft_ds.models import write_preset
+
+    base = bin_model_dir(write_preset("tiny-llama", str(tmp_path / "st")), tmp_path / "bin", shards=2)
+    args = ["plan", FLAGSHIP, "--set", f"model.name_or_path={base}", "--set",
+            f"data.train_file={os.path.join(ROOT, 'peft_ds', 'assets', 'math_sample.json')}", "--nodes", "2",
+            "--gpus-per-node", "8"]
+    r = peft_ds(*args, "--json", "--host-memory", "64")
+    assert r.returncode == 0, r.stderr
+    load = json.loads(r.stdout)["host_at_load"]
+    shards = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".bin"))
+    assert load["shards"] == 2 and load["formats"] == ["bin"] and load["rank0"]["checkpoint_pages"] == shards
+    assert load["other"]["checkpoint_pages"] == 0 and load["rank0"]["load_partition"] == 0  # GPUs hold partitions
+    allowance = int(planner.HOST_PROCESS_GIB["nccl"] * planner.GiB)
+    assert load["node0_total"] == shards + 8 * allowance and load["node_total"] == 8 * allowance and load["fits"]
+    r = peft_ds(*args, "--host-memory", "8", "--require-fit")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "does not fit the host while the backbone loads" in lines[0]
+    assert "host total: rank 0" in r.stdout and "does NOT fit in --host-memory 8 GiB" in r.stdout
