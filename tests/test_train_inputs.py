@@ -56,7 +56,7 @@ def test_model_directory_errors(capsys, tmp_path, base):
            "has no tokenizer.model")
     os.remove(model_dir / "model.safetensors")
     _fails(capsys, tmp_path, ["train", base, "--nproc", "2", "--set", f"model.name_or_path={model_dir}"],
-           "has no safetensors weights")
+           "has no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
     _fails(capsys, tmp_path, ["train", base, "--nproc", "2", "--set", f"model.name_or_path={tmp_path}/nothing"],
            "neither a preset")
 
