@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -82,7 +81,15 @@ def _time_steps(step, micro, seq, vocab, device, warmup, steps) -> tuple[float, 
     return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0)
 
 
-def _grid(step, model, sizes, device) -> list[dict]:
+def write_json(path: str, value) -> None:
+    """`value` as JSON at `path`, replaced whole (a stage killed at its time limit leaves the last rows written)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _grid(step, model, sizes, device, on_row=lambda row: None) -> list[dict]:
+    """The step timed at every (gradient checkpointing, micro-batch); `on_row` is called as each row is done."""
     rows = []
     vocab = model.config.vocab_size
     for checkpointing in (False, True):
@@ -91,6 +98,7 @@ def _grid(step, model, sizes, device) -> list[dict]:
             seconds, peak = _time_steps(step, micro, sizes["seq"], vocab, device, sizes["warmup"], sizes["steps"])
             rows.append({"gradient_checkpointing": checkpointing, "micro_batch": micro, "seq": sizes["seq"],
                          "step_s": seconds, "tokens_per_s": micro * sizes["seq"] / seconds, "peak_bytes": peak})
+            on_row(rows[-1])
     return rows
 
 
@@ -112,8 +120,9 @@ def _plan_bytes(sizes: dict, micro: int, checkpointing: bool) -> float:
 LORA_SIBO = ["method.method=lora", "method.r=32", "method.alpha=64", "method.sibo_lambda=0.1"]
 
 
-def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
-    """LoRA-SIBO under ZeRO-3 on one rank, the engine peft-ds train builds."""
+def peft_ds_rows(sizes: dict, on_info, on_row) -> list[dict]:
+    """LoRA-SIBO under ZeRO-3 on one rank, the engine peft-ds train builds; `on_info` gets the build's figures
+    before the grid, `on_row` each row as it is done (with the plan's prediction)."""
     import deepspeed
 
     from peft_ds import distributed, ds_config, models
@@ -141,18 +150,19 @@ def peft_ds_rows(sizes: dict) -> tuple[list[dict], dict]:
         engine.backward(loss)
         engine.step()
 
-    flops = flops_per_token(model, sizes["seq"])
-    rows = _grid(step, model, sizes, engine.device)
-    for row in rows:
-        row["plan_bytes"] = _plan_bytes(sizes, row["micro_batch"], row["gradient_checkpointing"])
-    info = {"build_s": build_s, "flops_per_token": flops, "parameters": sum(
+    on_info({"build_s": build_s, "flops_per_token": flops_per_token(model, sizes["seq"]), "parameters": sum(
         int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()),
         "config": {"preset": sizes["preset"], "num_layers": model.config.num_hidden_layers, "dtype": sizes["dtype"],
-                   "deepspeed": sizes["ds"], "method": config.method.to_dict()}}
-    return rows, info
+                   "deepspeed": sizes["ds"], "method": config.method.to_dict()}})
+
+    def with_plan(row):
+        row["plan_bytes"] = _plan_bytes(sizes, row["micro_batch"], row["gradient_checkpointing"])
+        on_row(row)
+
+    return _grid(step, model, sizes, engine.device, with_plan)
 
 
-def hf_peft_rows(sizes: dict) -> list[dict]:
+def hf_peft_rows(sizes: dict, on_row) -> list[dict]:
     """HF PEFT LoRA r 32 / alpha 64 on q,k,v,up,down on the same architecture and dtype, no DeepSpeed
     (transformers' own random init: the values do not change the work)."""
     from peft import LoraConfig, get_peft_model
@@ -177,9 +187,11 @@ def hf_peft_rows(sizes: dict) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rows = _grid(step, model.base_model.model, sizes, device)
-    for row in rows:
+    def relative(row):
         row["peak_bytes"] = max(0, row["peak_bytes"] - before)
+        on_row(row)
+
+    rows = _grid(step, model.base_model.model, sizes, device, relative)
     del model, optimizer
     gc.collect()
     if CUDA:
@@ -194,18 +206,30 @@ def cmd_mfu(args) -> int:
         peak_source = "datasheet dense bf16"
     else:
         device_name, peak, peak_source = "cpu", cpu_gemm_ceiling(), "measured fp32 GEMM 2048^3, same threads"
-    theirs = hf_peft_rows(sizes)  # first: later, ZeRO-3's HfDeepSpeedConfig would partition its model too
-    ours, info = peft_ds_rows(sizes)
-    for mine, other in zip(ours, theirs):
-        mine["mfu"] = None if peak is None else info["flops_per_token"]["total"] * mine["tokens_per_s"] / peak
+    result = {"device": device_name, "peak_flops": peak, "peak_source": peak_source, "torch": torch.__version__,
+              "dry_run": args.dry_run, "hf_peft_rows": [], "rows": []}
+    write_json(args.json, result)
+
+    def theirs_done(row):
+        result["hf_peft_rows"].append(row)
+        write_json(args.json, result)
+
+    def info_done(info):
+        result.update(info)
+        write_json(args.json, result)
+
+    def ours_done(mine):
+        other = result["hf_peft_rows"][len(result["rows"])]
+        mine["mfu"] = None if peak is None else result["flops_per_token"]["total"] * mine["tokens_per_s"] / peak
         mine["hf_peft_step_s"] = other["step_s"]
         mine["hf_peft_peak_bytes"] = other["peak_bytes"]
         mine["step_ratio_vs_hf_peft"] = mine["step_s"] / other["step_s"]
-    result = {"device": device_name, "peak_flops": peak, "peak_source": peak_source, "torch": torch.__version__,
-              "dry_run": args.dry_run, **info, "rows": ours}
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    for row in ours:
+        result["rows"].append(mine)
+        write_json(args.json, result)
+
+    hf_peft_rows(sizes, theirs_done)  # first: later, ZeRO-3's HfDeepSpeedConfig would partition its model too
+    peft_ds_rows(sizes, info_done, ours_done)
+    for row in result["rows"]:
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(f"gc={row['gradient_checkpointing']!s:5} micro={row['micro_batch']:2d}: {row['step_s'] * 1e3:8.1f} ms "
               f"{row['tokens_per_s']:9.0f} tok/s  MFU {mfu}  peak {row['peak_bytes'] / 2**30:.1f} GiB  "
@@ -219,37 +243,44 @@ METHODS = {"lora": ["method.method=lora", "method.r=32", "method.alpha=64"],
 
 
 def cmd_methods(args) -> int:
-    """Each method as users run it: `peft-ds train`, one process (world size 1), median step time."""
+    """Each method through `peft-ds train`'s own loop (peft_ds.train.train on the demo run config), one after
+    another in this one process (world size 1: the imports and CUDA's start paid once), median step time;
+    the JSON is written as each method ends."""
+    import traceback
+
+    from peft_ds import distributed
+    from peft_ds.config import load_config
+    from peft_ds.train import train
+
     sizes = shapes(args.dry_run)
-    results = {}
+    result = {"dry_run": args.dry_run, "num_layers": sizes["method_layers"], "methods": {}}
+    write_json(args.json, result)
+    base = [f"model.name_or_path={'tiny-llama' if args.dry_run else 'llama-7b-shape'}",
+            f"model.num_layers={sizes['method_layers']}", f"model.dtype={sizes['dtype']}",
+            f"deepspeed={os.path.join(ROOT, 'ds_configs', sizes['ds'])}", "method.sibo_lambda=0.0",
+            "data.cutoff_len=256", "data.val_set_size=0", "train.micro_batch_size=4", "train.global_batch_size=4",
+            f"train.max_steps={sizes['method_steps']}", "train.save_every=0", "train.eval_every=0",
+            "train.resume=false"]
     for name, overrides in METHODS.items():
         out = os.path.join(args.workdir, name)
-        cmd = [sys.executable, "-m", "peft_ds", "train", os.path.join(ROOT, "configs", "demo_tiny_llama_lora_sibo.yaml"),
-               "--set", f"model.name_or_path={'tiny-llama' if args.dry_run else 'llama-7b-shape'}",
-               "--set", f"model.num_layers={sizes['method_layers']}", "--set", f"model.dtype={sizes['dtype']}",
-               "--set", f"deepspeed={os.path.join(ROOT, 'ds_configs', sizes['ds'])}",
-               "--set", "method.sibo_lambda=0.0", "--set", "data.cutoff_len=256", "--set", "data.val_set_size=0",
-               "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4",
-               "--set", f"train.max_steps={sizes['method_steps']}", "--set", "train.save_every=0",
-               "--set", "train.eval_every=0", "--set", "train.resume=false", "--set", f"output_dir={out}"]
-        for item in overrides:
-            cmd += ["--set", item]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            results[name] = {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
-            print(f"{name}: failed\n{r.stderr[-2000:]}")
+        try:
+            train(load_config(os.path.join(ROOT, "configs", "demo_tiny_llama_lora_sibo.yaml"),
+                              [*base, *overrides, f"output_dir={out}"]))
+        except Exception as e:  # the next method still runs; the error is the stage's report
+            traceback.print_exc()
+            result["methods"][name] = {"error": [f"{type(e).__name__}: {e}"[:300]]}
+            write_json(args.json, result)
             continue
         with open(os.path.join(out, "metrics.jsonl")) as f:
             steps = [row["step_s"] for row in map(json.loads, f) if "step_s" in row][2:]
-        results[name] = {"median_step_s": statistics.median(steps), "steps_timed": len(steps)}
-    lora = results.get("lora", {}).get("median_step_s")
-    for name, row in results.items():
-        if lora and "median_step_s" in row:
+        row = result["methods"][name] = {"median_step_s": statistics.median(steps), "steps_timed": len(steps)}
+        lora = result["methods"].get("lora", {}).get("median_step_s")
+        if lora:
             row["ratio_to_lora"] = row["median_step_s"] / lora
-            print(f"{name:12s} {row['median_step_s'] * 1e3:9.1f} ms/step  {row['ratio_to_lora']:.2f}x LoRA")
-    with open(args.json, "w") as f:
-        json.dump({"dry_run": args.dry_run, "num_layers": sizes["method_layers"], "methods": results}, f, indent=2)
-    return 0 if all("median_step_s" in r for r in results.values()) else 1
+            print(f"{name:12s} {row['median_step_s'] * 1e3:9.1f} ms/step  {row['ratio_to_lora']:.2f}x LoRA", flush=True)
+        write_json(args.json, result)
+    distributed.shutdown()
+    return 0 if all("median_step_s" in r for r in result["methods"].values()) else 1
 
 
 def _gib(value) -> str:
@@ -271,7 +302,10 @@ def cmd_report(args) -> int:
     lines = ["# peft-ds GPU check", "", "| stage | status | seconds | limit |", "|---|---|---|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['limit']} |" for s in stages]
     mfu = report.get("mfu")
-    if mfu:
+    if mfu and not mfu.get("rows"):
+        lines += ["", f"mfu: {len(mfu.get('hf_peft_rows', []))} HF PEFT row(s) and no peft-ds row before the stage "
+                  f"ended (report.json holds them)"]
+    if mfu and mfu.get("rows"):
         lines += ["", f"LoRA-SIBO r 32, {mfu['config']['preset']} ({mfu['config']['num_layers']} layers), "
                   f"{mfu['config']['dtype']}, ZeRO-3 on one rank; device {mfu['device']}, torch {mfu['torch']}; "
                   f"peak {mfu['peak_flops'] or 0:.3g} FLOP/s ({mfu['peak_source']}); model FLOPs per token "
@@ -279,7 +313,7 @@ def cmd_report(args) -> int:
                   "| GC | micro x seq | step ms | tokens/s | MFU | peak GiB | plan GiB | HF PEFT step ms | ratio |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in mfu["rows"]:
-            use = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            use = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             lines.append(f"| {'on' if r['gradient_checkpointing'] else 'off'} | {r['micro_batch']} x {r['seq']} | "
                          f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {use} | {_gib(r['peak_bytes'])} | "
                          f"{_gib(r.get('plan_bytes'))} | {r['hf_peft_step_s'] * 1e3:.1f} | "
